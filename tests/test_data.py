@@ -1,0 +1,200 @@
+import io
+import json
+import lzma
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.data import get_batch, is_val, iter_sequential, open_split, prepare, read_meta, verify
+from helpers.errors import DataError
+from helpers.tokenizer import gpt2_encoding
+
+DOCS = {f"urlsf_subset00-{i}_data/{i:07d}-{'abcdef'[i % 6]}.txt": f"Document {i}. " + "Some text here, número {i}! " * (i % 7 + 1)
+        for i in range(60)}
+
+
+def tar_bytes(files: dict, compress_xz=False) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for name, data in files.items():
+            data = data.encode() if isinstance(data, str) else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    return lzma.compress(raw) if compress_xz else raw
+
+
+def make_owt(path, docs=DOCS, per_member=20, corrupt_member=False):
+    """An archive in OpenWebText's exact subset layout: outer tar -> openwebtext/*.xz -> tar -> .txt"""
+    items = list(docs.items())
+    members = {}
+    for k in range(0, len(items), per_member):
+        members[f"openwebtext/urlsf_subset00-{k // per_member}_data.xz"] = tar_bytes(dict(items[k:k + per_member]), True)
+    if corrupt_member:
+        good = next(iter(members.values()))
+        members["openwebtext/urlsf_subset00-99_data.xz"] = good[: len(good) // 2]  # truncated xz
+    path.write_bytes(tar_bytes(members))
+    return path
+
+
+def decode_docs(data_dir, split):
+    enc = gpt2_encoding()
+    ids = np.fromfile(data_dir / f"{split}.bin", dtype=np.uint16).tolist()
+    return [d for d in enc.decode(ids).split("<|endoftext|>") if d]
+
+
+def test_owt_archive_token_counts_split_and_val_roundtrip(tmp_path):
+    archive = make_owt(tmp_path / "urlsf_subset00.tar")
+    meta = prepare(str(archive), tmp_path / "out", val_fraction=0.2, seed=7, progress=False)
+    enc = gpt2_encoding()
+    expected_tokens = sum(len(enc.encode_ordinary(t)) + 1 for t in DOCS.values())
+    got = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
+    assert got == expected_tokens
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == len(DOCS)
+    # the held-out documents come back, in order, from val.bin
+    held_out = [t for n, t in DOCS.items() if is_val(f"openwebtext/urlsf_subset00-{list(DOCS).index(n) // 20}_data.xz/{n}", 7, 0.2)]
+    assert decode_docs(tmp_path / "out", "val") == held_out and held_out
+    assert meta["dtype"] == "uint16" and meta["tokenizer"]["eot"] == 50256
+    verify(tmp_path / "out")  # sha256 in meta.json matches the files
+
+
+def test_split_is_deterministic_and_seed_dependent(tmp_path):
+    archive = make_owt(tmp_path / "a.tar")
+    a = prepare(str(archive), tmp_path / "a", val_fraction=0.3, seed=1, progress=False)
+    b = prepare(str(archive), tmp_path / "b", val_fraction=0.3, seed=1, progress=False, num_threads=1)
+    c = prepare(str(archive), tmp_path / "c", val_fraction=0.3, seed=2, progress=False)
+    assert a["sha256"] == b["sha256"]  # same bytes whatever the thread count
+    assert a["sha256"] != c["sha256"]
+
+
+def test_folder_of_xz_files_equals_the_tar(tmp_path):
+    archive = make_owt(tmp_path / "a.tar")
+    (tmp_path / "xz").mkdir()
+    with tarfile.open(archive) as t:
+        for m in t.getmembers():
+            (tmp_path / "xz" / os.path.basename(m.name)).write_bytes(t.extractfile(m).read())
+    a = prepare(str(archive), tmp_path / "a", progress=False)
+    b = prepare(str(tmp_path / "xz"), tmp_path / "b", progress=False)
+    assert a["splits"]["train"]["tokens"] + a["splits"]["val"]["tokens"] == \
+        b["splits"]["train"]["tokens"] + b["splits"]["val"]["tokens"]
+
+
+def test_text_jsonl_glob_and_caps(tmp_path):
+    (tmp_path / "t").mkdir()
+    for i in range(30):
+        (tmp_path / "t" / f"{i}.txt").write_text(f"file {i} " * 50)
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"content": f"row {i} " * 40}) + "\n")
+    a = prepare(str(tmp_path / "t"), tmp_path / "o1", val_fraction=0.2, progress=False)
+    b = prepare(str(tmp_path / "d.jsonl"), tmp_path / "o2", text_field="content", val_fraction=0.2, progress=False)
+    c = prepare(str(tmp_path / "t" / "*.txt"), tmp_path / "o3", val_fraction=0.2, progress=False, max_docs=10)
+    assert sum(a["splits"][s]["documents"] for s in a["splits"]) == 30
+    assert sum(b["splits"][s]["documents"] for s in b["splits"]) == 30
+    assert sum(c["splits"][s]["documents"] for s in c["splits"]) == 10
+    d = prepare(str(tmp_path / "t"), tmp_path / "o4", val_fraction=0.5, progress=False, max_tokens=500)
+    assert 500 <= sum(d["splits"][s]["tokens"] for s in d["splits"]) < 500 + 200
+
+
+def test_embedded_default_records_its_files(tmp_path):
+    meta = prepare("stdlib", tmp_path / "s", max_docs=40, progress=False)
+    assert len(meta["files"]) > 500 and meta["files"] == sorted(meta["files"]) and meta["python"]
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 40
+
+
+def test_corrupt_member_is_skipped_and_counted_or_fatal_when_strict(tmp_path):
+    archive = make_owt(tmp_path / "a.tar", corrupt_member=True)
+    with pytest.warns(UserWarning, match="skipping"):
+        meta = prepare(str(archive), tmp_path / "o", progress=False)
+    assert meta["skipped"]["count"] == 1 and "corrupt" in meta["skipped"]["examples"][0]["reason"]
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == len(DOCS)
+    with pytest.raises(DataError, match="strict=True"):
+        prepare(str(archive), tmp_path / "strict", strict=True, progress=False)
+    assert not (tmp_path / "strict" / "train.bin").exists()
+
+
+def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.txt").write_bytes(b"caf\xe9 au lait \xff\xfe ok " * 20)
+    for i in range(20):
+        (tmp_path / "t" / f"b{i}.txt").write_text("clean text " * 20)
+    meta = prepare(str(tmp_path / "t"), tmp_path / "o", val_fraction=0.3, progress=False)
+    assert meta["replaced_chars"] == 60 and meta["docs_with_replacements"] == 1
+
+
+@pytest.mark.parametrize("vf", [0, 1, -0.1, 1.5])
+def test_val_fraction_out_of_range(tmp_path, vf):
+    with pytest.raises(DataError, match="val_fraction"):
+        prepare("stdlib", tmp_path / "o", val_fraction=vf, progress=False)
+
+
+def test_missing_path_and_empty_archive(tmp_path):
+    with pytest.raises(DataError, match="no such file or folder.*stdlib"):
+        prepare(str(tmp_path / "nope.tar"), tmp_path / "o", progress=False)
+    (tmp_path / "empty.tar").write_bytes(tar_bytes({"openwebtext/x.xz": tar_bytes({"readme.md": "x"}, True)}))
+    with pytest.raises(DataError, match="0 training tokens"):
+        prepare(str(tmp_path / "empty.tar"), tmp_path / "o", progress=False)
+    assert not (tmp_path / "o" / "train.bin").exists() and not (tmp_path / "o" / "meta.json").exists()
+
+
+def test_unwritable_out_dir(tmp_path):
+    (tmp_path / "file").write_text("x")  # a folder below a plain file can never be created
+    with pytest.raises(DataError, match="not writable"):
+        prepare("stdlib", tmp_path / "file" / "sub", progress=False)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_rerun_reuses_and_never_overwrites_another_dataset(tmp_path):
+    archive = make_owt(tmp_path / "a.tar")
+    out = tmp_path / "o"
+    first = prepare(str(archive), out, progress=False)
+    mtime = (out / "train.bin").stat().st_mtime_ns
+    assert prepare(str(archive), out, progress=False)["created"] == first["created"]
+    assert (out / "train.bin").stat().st_mtime_ns == mtime
+    with pytest.raises(DataError, match="different dataset"):
+        prepare("stdlib", out, progress=False, max_docs=5)
+    assert read_meta(out)["sha256"] == first["sha256"]
+    verify(out)
+    prepare("stdlib", out, progress=False, max_docs=5, overwrite=True)
+    assert read_meta(out)["source"] == "stdlib"
+
+
+def test_killed_run_leaves_no_finished_looking_output(tmp_path):
+    """SIGKILL a preparation midway: no train.bin or meta.json appears; a rerun completes."""
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(400):
+        (big / f"{i}.txt").write_text(("word " * 5000) + str(i))
+    code = ("import sys, time; import helpers.tokenizer as t; enc = t.gpt2_encoding(); "
+            "orig = enc.encode_ordinary_batch\n"
+            "def slow(*a, **k):\n    time.sleep(0.05); return orig(*a, **k)\n"
+            "enc.encode_ordinary_batch = slow\n"
+            "from helpers.data import prepare; prepare(sys.argv[1], sys.argv[2], progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(big), str(tmp_path / "o")])
+    import time
+    deadline = time.time() + 30
+    while time.time() < deadline and not list((tmp_path / "o").glob(".train.bin.tmp")):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "o" / "train.bin").exists() and not (tmp_path / "o" / "meta.json").exists()
+    meta = prepare(str(big), tmp_path / "o", progress=False)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 400
+
+
+def test_batches_and_sequential_pass(tmp_path):
+    prepare("stdlib", tmp_path / "s", max_docs=30, progress=False, val_fraction=0.2)
+    train, val = open_split(tmp_path / "s", "train"), open_split(tmp_path / "s", "val")
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    x1, y1 = get_batch(train, 32, 4, g1)
+    x2, y2 = get_batch(train, 32, 4, g2)
+    assert torch.equal(x1, x2) and x1.shape == (4, 32) and torch.equal(x1[:, 1:], y1[:, :-1])
+    seen = torch.cat([y[y >= 0] for _, y in iter_sequential(val, 64, 3)])
+    assert torch.equal(seen, torch.from_numpy(np.asarray(val[1:]).astype(np.int64)))
