@@ -67,6 +67,10 @@ def _hub_download(repo_id: str) -> Path:
 
 
 def _find_in_folder(folder: Path) -> Path | None:
+    """The checkpoint a run folder stands for: its newest step_*.pt (helpers.train), else a known name."""
+    steps = sorted(folder.glob("step_*.pt"))
+    if steps:
+        return steps[-1]
     for name in CKPT_NAMES:
         if (folder / name).is_file():
             return folder / name

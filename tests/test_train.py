@@ -1,0 +1,220 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers.checkpoint import load_model, read_sidecar, save_checkpoint
+from helpers.data import prepare
+from helpers.errors import ConfigError, DataError
+from helpers.model import GPT, GPTConfig
+from helpers.train import TrainConfig, coerce, lr_at, parse_cli, parse_student_log, read_metrics, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    """A tiny GPT-2-vocabulary parent saved as our checkpoint, and a small prepared corpus."""
+    base = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    parent = GPT(GPTConfig(n_layer=4, n_head=2, n_embd=32, vocab_size=50257, block_size=64))
+    parent.provenance = {"tokenizer": "gpt2", "source": "tiny"}
+    save_checkpoint(base / "parent.pt", parent)
+    prepare("stdlib", base / "data", max_docs=40, val_fraction=0.2, progress=False)
+    return base
+
+
+def tiny(setup, out, **kw):
+    values = dict(parent=str(setup / "parent.pt"), n_layers=2, data_dir=str(setup / "data"), out_dir=str(out),
+                  max_iters=6, batch_size=2, block_size=32, eval_interval=2, eval_iters=2, log_interval=1,
+                  warmup_iters=2, learning_rate=1e-3, min_lr=1e-4, progress=False)
+    values.update(kw)
+    return TrainConfig.from_dict(values)
+
+
+def losses(out):
+    return [(r["step"], r["train_loss"], r["val_loss"]) for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_schedule_values():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=4, max_iters=14)
+    assert lr_at(0, cfg, 14) == pytest.approx(1 / 5) and lr_at(3, cfg, 14) == pytest.approx(4 / 5)
+    assert lr_at(4, cfg, 14) == pytest.approx(1.0)  # warm-up done: the peak
+    assert lr_at(9, cfg, 14) == pytest.approx(0.1 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 0.9)
+    assert lr_at(14, cfg, 14) == pytest.approx(0.1) and lr_at(100, cfg, 14) == pytest.approx(0.1)
+    values = [lr_at(s, cfg, 14) for s in range(4, 15)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_coercion_and_rejection():
+    cfg = TrainConfig.from_dict({"max_iters": "1e3", "learning_rate": "3e-4", "compile": "true", "n_layers": "none",
+                                 "dropout": "0.1", "max_tokens": None})
+    assert cfg.max_iters == 1000 and cfg.learning_rate == 3e-4 and cfg.compile is True and cfg.n_layers is None
+    with pytest.raises(ConfigError, match="batch_size='eight' is not a valid int"):
+        TrainConfig.from_dict({"batch_size": "eight"})
+    with pytest.raises(ConfigError, match="compile='maybe' is not a valid bool"):
+        TrainConfig.from_dict({"compile": "maybe"})
+    with pytest.raises(ConfigError, match="unknown TrainConfig keys \\['lr'\\]"):
+        TrainConfig.from_dict({"lr": 1})
+    with pytest.raises(ConfigError, match="block_size=0"):
+        TrainConfig.from_dict({"block_size": 0})
+    with pytest.raises(ConfigError, match="max_iters"):
+        coerce("max_iters", int, 2.5)
+
+
+def test_cli_and_yaml(tmp_path):
+    (tmp_path / "c.yaml").write_text("batch_size: 4\nlearning_rate: 0.001\n")
+    cfg = parse_cli(["--config", str(tmp_path / "c.yaml"), "batch_size=16", "init=scratch"])
+    assert cfg.batch_size == 16 and cfg.learning_rate == 0.001 and cfg.init == "scratch"
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_cli(["oops"])
+
+
+def test_inherit_run_logs_metrics_and_checkpoints(setup, tmp_path):
+    rec = train(tiny(setup, tmp_path / "r"))
+    rows = read_metrics(tmp_path / "r")
+    assert list(rows["step"]) == [0, 2, 4, 6] and rec["step"] == 6
+    assert rows["val_loss"].iloc[-1] < rows["val_loss"].iloc[0]
+    assert set(rows.columns) >= {"step", "tokens", "lr", "train_loss", "val_loss", "tokens_per_s", "mfu", "elapsed_s"}
+    assert rows["tokens"].iloc[-1] == 6 * 2 * 32
+    files = sorted(p.name for p in (tmp_path / "r").glob("*.pt"))
+    assert files == ["best.pt", "step_0000004.pt", "step_0000006.pt"]  # keep_last=2, plus the best
+    side = read_sidecar(tmp_path / "r" / "step_0000006.pt")
+    assert side["train_config"]["n_layers"] == 2 and side["step"] == 6
+    assert load_model(tmp_path / "r").config.n_layer == 2
+
+
+def test_scratch_has_the_child_shape_but_not_its_weights(setup, tmp_path):
+    train(tiny(setup, tmp_path / "s", init="scratch", max_iters=2))
+    scratch = load_model(tmp_path / "s" / "step_0000000.pt")
+    parent = load_model(setup / "parent.pt")
+    assert scratch.config.n_layer == 2 and scratch.config.n_embd == 32
+    assert not torch.equal(scratch.transformer.wte.weight, parent.transformer.wte.weight)
+
+
+def test_grad_accum_equals_bigger_batch(setup, tmp_path):
+    """Two micro-steps of batch 2 == one step of batch 4 drawn in the same order."""
+    a = train(tiny(setup, tmp_path / "a", batch_size=2, grad_accum=2, max_iters=3, eval_interval=3))
+    b = _single_batch_equivalent(setup, tmp_path / "b")
+    assert a["val_loss"] == pytest.approx(b, rel=1e-5)
+
+
+def _single_batch_equivalent(setup, out):
+    """Same thing by hand: the sampler order of grad_accum=2 x batch 2 is that of batch 4 drawn twice as 2."""
+    from helpers.data import get_batch, open_split
+    from helpers.inherit import inherit
+    from helpers.train import configure_optimizer, estimate_loss
+    cfg = tiny(setup, out, batch_size=2, grad_accum=2, max_iters=3, eval_interval=3)
+    torch.manual_seed(cfg.seed)
+    model = inherit(load_model(cfg.parent), 2)
+    model.train()
+    opt = configure_optimizer(model, cfg, torch.device("cpu"))
+    data = open_split(cfg.data_dir, "train")
+    g = torch.Generator().manual_seed(cfg.seed)
+    for step in range(3):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg, 3)
+        xs, ys = zip(*[get_batch(data, 32, 2, g) for _ in range(2)])
+        _, loss = model(torch.cat(xs), torch.cat(ys))  # one batch of 4
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad()
+    splits = {"train": data, "val": open_split(cfg.data_dir, "val")}
+    from contextlib import nullcontext
+    return estimate_loss(model, splits, cfg, 3, "cpu", nullcontext())["val"]
+
+
+def run_cli(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "helpers.train", *args], cwd=ROOT, **kw)
+
+
+def cli_args(setup, out, **kw):
+    cfg = dict(parent=str(setup / "parent.pt"), n_layers=2, data_dir=str(setup / "data"), out_dir=str(out),
+               max_iters=40, batch_size=2, block_size=32, eval_interval=2, eval_iters=2, log_interval=1,
+               dropout=0.1, progress=False)
+    cfg.update(kw)
+    return [f"{k}={v}" for k, v in cfg.items()]
+
+
+def test_sigkill_and_resume_logs_the_same_losses(setup, tmp_path):
+    """A run killed with SIGKILL mid-way and resumed logs the same losses, step for step (dropout on,
+    so RNG restore matters), as a run that never stopped."""
+    assert run_cli(cli_args(setup, tmp_path / "full")).wait() == 0
+    proc = run_cli(cli_args(setup, tmp_path / "killed"))
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 6):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(metrics.read_text().splitlines())
+    assert 6 <= n_before < 21, "the kill must land mid-run"
+    assert run_cli(cli_args(setup, tmp_path / "killed", init="resume")).wait() == 0
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "killed")
+    assert [s for s, _, _ in resumed] == [s for s, _, _ in full] == list(range(0, 41, 2))
+    assert resumed == full
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(setup, tmp_path):
+    with pytest.raises(FloatingPointError, match="step"):
+        train(tiny(setup, tmp_path / "n", learning_rate=1e30, min_lr=1e29, warmup_iters=0, max_iters=20))
+    kept = sorted((tmp_path / "n").glob("step_*.pt"))
+    assert kept and torch.isfinite(load_model(kept[-1]).transformer.wte.weight).all()
+
+
+def test_vocabulary_mismatch_is_refused_before_training(setup, tmp_path):
+    torch.manual_seed(0)
+    small = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=1000, block_size=64))
+    small.provenance = {"tokenizer": "gpt2"}
+    save_checkpoint(tmp_path / "small.pt", small)
+    with pytest.raises(DataError, match="50,257 ids.*1,000"):
+        train(tiny(setup, tmp_path / "v", parent=str(tmp_path / "small.pt")))
+    assert not (tmp_path / "v" / "metrics.jsonl").exists()
+
+
+def test_unwritable_out_dir_fails_before_training(setup, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="not writable"):
+        train(tiny(setup, tmp_path / "f" / "run"))
+
+
+def test_existing_run_is_not_overwritten(setup, tmp_path):
+    train(tiny(setup, tmp_path / "e", max_iters=2))
+    before = (tmp_path / "e" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(tiny(setup, tmp_path / "e", max_iters=2))
+    assert (tmp_path / "e" / "metrics.jsonl").read_text() == before
+
+
+def test_n_layers_out_of_range(setup, tmp_path):
+    with pytest.raises(ConfigError, match=r"1\.\.4"):
+        train(tiny(setup, tmp_path / "x", n_layers=9))
+
+
+def test_student_log_reader():
+    log = "step 0: train loss 10.9512, val loss 10.9473\nsomething else\nstep 250: train loss 5.1, val loss 5.25\n"
+    df = parse_student_log(log)
+    assert list(df["step"]) == [0, 250] and df["val_loss"].iloc[1] == 5.25
+
+
+def test_ddp_two_processes_equal_one_with_twice_the_accumulation(setup, tmp_path):
+    """torchrun with 2 CPU processes (gloo) and grad_accum=2 logs the losses of 1 process with grad_accum=2."""
+    one = cli_args(setup, tmp_path / "one", max_iters=4, grad_accum=2, dropout=0.0)
+    assert run_cli(one).wait() == 0
+    two = cli_args(setup, tmp_path / "two", max_iters=4, grad_accum=2, dropout=0.0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "helpers.train", *two], cwd=ROOT, env=env)
+    assert proc.wait(timeout=300) == 0
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, _, _ in a] == [s for s, _, _ in b]
+    for (_, ta, va), (_, tb, vb) in zip(a, b):
+        assert ta == pytest.approx(tb, rel=1e-4) and va == pytest.approx(vb, rel=1e-4)
