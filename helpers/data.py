@@ -62,13 +62,22 @@ class Stats:
             self.skipped.append({"name": name, "reason": reason})
 
     def decode(self, raw: bytes) -> str:
-        text = raw.decode("utf-8", errors="replace")
-        if "\ufffd" in text:
-            bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
-            if bad:
-                self.replaced_chars += bad
-                self.docs_with_replacements += 1
+        text, bad = decode_counting(raw)
+        self.count_replaced(bad)
         return text
+
+    def count_replaced(self, bad: int):
+        if bad:
+            self.replaced_chars += bad
+            self.docs_with_replacements += 1
+
+
+def decode_counting(raw: bytes) -> tuple[str, int]:
+    """UTF-8 text with undecodable bytes replaced by U+FFFD, and how many were replaced."""
+    text = raw.decode("utf-8", errors="replace")
+    if "\ufffd" not in text:
+        return text, 0
+    return text, text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
 
 
 # ---- document sources ------------------------------------------------------------------------
@@ -108,9 +117,9 @@ def _iter_owt_folder(path: Path, stats: Stats, strict: bool):
 
 
 def _iter_text_files(files, stats: Stats, root: Path | None = None):
+    # Paths, not texts: the tokenizer threads read and decode them, off the main thread.
     for f in files:
-        name = str(f.relative_to(root)) if root else str(f)
-        yield name, stats.decode(Path(f).read_bytes())
+        yield (str(f.relative_to(root)) if root else str(f)), Path(f)
 
 
 def _iter_jsonl(path: Path, text_field: str, stats: Stats, strict: bool):
@@ -130,8 +139,11 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     """The embedded default corpus: every .py file of this interpreter's standard library
     (site-packages excluded), sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
-    return root, files
+    files = []
+    for folder, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in ("site-packages", "__pycache__")]
+        files.extend(Path(folder, n) for n in names if n.endswith(".py"))
+    return root, sorted(files)
 
 
 def _download_owt_subset(n: int, cache_dir: Path) -> Path:
@@ -205,13 +217,13 @@ def is_val(name: str, seed: int, val_fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2.0 ** 64 < val_fraction
 
 
-def _batches(docs, max_docs: int | None, batch_chars: int = 4_000_000, batch_docs: int = 512):
+def _batches(docs, max_docs: int | None, batch_chars: int = 1_000_000, batch_docs: int = 512):
     batch, chars = [], 0
     for i, (name, text) in enumerate(docs):
         if max_docs is not None and i >= max_docs:
             break
         batch.append((name, text))
-        chars += len(text)
+        chars += text.stat().st_size if isinstance(text, Path) else len(text)
         if chars >= batch_chars or len(batch) >= batch_docs:
             yield batch
             batch, chars = [], 0
@@ -273,8 +285,18 @@ def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", tokeniz
     total = 0
     try:
         with ThreadPoolExecutor(threads) as pool:
-            def encode(batch):
-                return batch, enc.encode_ordinary_batch([t for _, t in batch], num_threads=1)
+            def encode(batch):  # runs on a worker thread; tiktoken releases the GIL while encoding
+                out = []
+                for name, text in batch:
+                    bad = 0
+                    if isinstance(text, Path):
+                        text, bad = decode_counting(text.read_bytes())
+                    ids = encode_ids(enc, text)
+                    arr = np.empty(ids.size + 1, dtype=dtype)
+                    arr[:-1] = ids
+                    arr[-1] = eot
+                    out.append(("val" if is_val(name, seed, val_fraction) else "train", arr, len(text), bad))
+                return out
 
             pending = []
             batches = _batches(docs, max_docs)
@@ -288,20 +310,18 @@ def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", tokeniz
                         pending.append(pool.submit(encode, b))
                 if not pending:
                     break
-                batch, ids = pending.pop(0).result()  # in order: output is deterministic
-                for (name, text), doc_ids in zip(batch, ids):
+                for split, arr, n_chars, bad in pending.pop(0).result():  # in order: output is deterministic
                     if max_tokens is not None and total >= max_tokens:
                         stop = True
                         break
-                    split = "val" if is_val(name, seed, val_fraction) else "train"
-                    arr = np.array(doc_ids + [eot], dtype=dtype)
-                    handles[split].write(arr.tobytes())
-                    hashes[split].update(arr.tobytes())
+                    handles[split].write(arr.data)
+                    hashes[split].update(arr.data)
                     st = splits[split]
                     st["documents"] += 1
                     st["tokens"] += arr.size
-                    st["characters"] += len(text)
+                    st["characters"] += n_chars
                     total += arr.size
+                    stats.count_replaced(bad)
                     bar.update(1)
                 bar.set_postfix(tokens=f"{total:,}", MB=f"{sum(s['characters'] for s in splits.values()) / 1e6:.1f}",
                                 refresh=False)
@@ -342,6 +362,14 @@ def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", tokeniz
     from helpers.checkpoint import atomic_write
     atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))  # last: marks completion
     return meta
+
+
+def encode_ids(enc, text: str) -> np.ndarray:
+    """Token ids of ordinary text (special-token strings count as text) as a numpy array, without
+    building a Python list (tiktoken's encode_to_numpy)."""
+    ids = enc.encode_to_numpy(text, disallowed_special=())
+    limit = getattr(enc, "model_vocab", None)  # ModelEncoding: drop bytes the model has no token for
+    return ids[ids < limit] if limit is not None and ids.size and ids.max() >= limit else ids
 
 
 def _progress(enabled: bool):

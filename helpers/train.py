@@ -17,10 +17,9 @@ import random
 import shutil
 import sys
 import time
-import types
 import typing
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +42,8 @@ class TrainConfig:
     parent: str = "smollm2-135m"  # any source load_model accepts
     n_layers: int | None = None  # blocks the child keeps; None: half of the parent's
     init: str = "inherit"  # inherit | scratch | resume | path of a checkpoint to continue from
-    data_dir: str = field(default_factory=lambda: f"{default_root()}/data/stdlib-smollm2-135m")
-    out_dir: str = field(default_factory=lambda: f"{default_root()}/runs/train")
+    data_dir: str | None = None  # None: the embedded default corpus in the parent's tokens, prepared if missing
+    out_dir: str | None = None  # None: runs/train (under /kaggle/working on Kaggle)
     max_iters: int | None = 200  # optimizer steps; or set max_tokens instead
     max_tokens: int | None = None
     batch_size: int = 8  # sequences per micro-step (per process)
@@ -68,6 +67,13 @@ class TrainConfig:
     compile: bool = False
     seed: int = 1337
     progress: bool = True
+
+    def __post_init__(self):
+        self.auto_data = self.data_dir is None  # only then may training prepare the data itself
+        if self.data_dir is None:
+            self.data_dir = f"{default_root()}/data/stdlib-{Path(str(self.parent)).stem}"
+        if self.out_dir is None:
+            self.out_dir = f"{default_root()}/runs/train"
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -304,9 +310,8 @@ def ensure_data(cfg: TrainConfig) -> dict:
     """meta.json of cfg.data_dir; the default folder is prepared on the spot from the embedded corpus."""
     if (Path(cfg.data_dir) / "meta.json").is_file():
         return read_meta(cfg.data_dir)
-    default = TrainConfig().data_dir
-    if cfg.data_dir == default and cfg.parent == TrainConfig.parent:
-        return prepare("stdlib", cfg.data_dir, tokenizer=cfg.parent)
+    if cfg.auto_data:
+        return prepare("stdlib", cfg.data_dir, tokenizer=cfg.parent, progress=cfg.progress)
     raise DataError(f"{cfg.data_dir}: no prepared data; run first: papermill notebooks/01_data.ipynb out.ipynb "
                     f"-p out_dir {cfg.data_dir} -p tokenizer {cfg.parent}")
 

@@ -171,11 +171,10 @@ def test_killed_run_leaves_no_finished_looking_output(tmp_path):
     big.mkdir()
     for i in range(400):
         (big / f"{i}.txt").write_text(("word " * 5000) + str(i))
-    code = ("import sys, time; import helpers.tokenizer as t; enc = t.gpt2_encoding(); "
-            "orig = enc.encode_ordinary_batch\n"
-            "def slow(*a, **k):\n    time.sleep(0.05); return orig(*a, **k)\n"
-            "enc.encode_ordinary_batch = slow\n"
-            "from helpers.data import prepare; prepare(sys.argv[1], sys.argv[2], progress=False)")
+    code = ("import sys, time; import helpers.data as d; orig = d.encode_ids\n"
+            "def slow(*a, **k):\n    time.sleep(0.02); return orig(*a, **k)\n"
+            "d.encode_ids = slow\n"
+            "d.prepare(sys.argv[1], sys.argv[2], progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(big), str(tmp_path / "o")])
     import time
     deadline = time.time() + 30
