@@ -1,0 +1,64 @@
+"""The smoke preset end to end: every notebook executed by papermill, records and figures written,
+and the evaluation numbers equal to a direct call of helpers.evaluate."""
+import json
+
+import pytest
+
+from helpers.pipeline import main, run
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    return run("smoke", out), out
+
+
+def test_every_notebook_ran_without_error(smoke):
+    _, out = smoke
+    names = sorted(p.name for p in out.glob("*.ipynb"))
+    assert names == ["01_data.ipynb", "02_inherit.ipynb", "03_train_child.ipynb", "03_train_parent.ipynb",
+                     "03_train_scratch.ipynb", "04_eval.ipynb", "05_plots.ipynb"]
+    for name in names:
+        nb = json.loads((out / name).read_text())
+        errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors, name
+        assert nb["metadata"]["papermill"]["exception"] is not True
+
+
+def test_plots_and_metrics_are_written(smoke):
+    _, out = smoke
+    pngs = {p.name: p.stat().st_size for p in (out / "images").glob("*.png")}
+    assert {"loss_curves.png", "val_loss_vs_params.png"} <= set(pngs) and all(v > 5000 for v in pngs.values())
+    executed = json.loads((out / "05_plots.ipynb").read_text())
+    assert any("image/png" in o.get("data", {}) for c in executed["cells"] for o in c.get("outputs", []))
+    for run_dir in ("parent", "child", "scratch"):
+        rows = [json.loads(l) for l in (out / run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert rows and all({"step", "tokens", "lr", "train_loss", "val_loss", "elapsed_s"} <= set(r) for r in rows)
+        assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+
+
+def test_eval_numbers_equal_a_direct_call(smoke):
+    from helpers.evaluate import val_loss_full
+    from helpers.checkpoint import load_model
+    summary, out = smoke
+    by_name = {r["model"]: r for r in summary["results"]}
+    assert set(by_name) == {"parent", "child, inherited (untrained)", "child, inherited + trained", "scratch, trained"}
+    direct = val_loss_full(load_model(out / "child"), out / "data", block_size=64, batch_size=8)
+    assert by_name["child, inherited + trained"]["val_loss"] == pytest.approx(direct["val_loss"], rel=1e-6)
+    assert by_name["child, inherited + trained"]["val_tokens"] == direct["val_tokens"]
+    # the comparison the project exists for, at toy scale: inheritance beats scratch on equal tokens
+    assert by_name["child, inherited + trained"]["val_loss"] < by_name["scratch, trained"]["val_loss"]
+    assert by_name["child, inherited + trained"]["tokens_seen"] == by_name["scratch, trained"]["tokens_seen"]
+
+
+def test_a_failing_notebook_names_its_executed_copy(tmp_path, capsys):
+    code = main(["--preset", "smoke", "--out", str(tmp_path / "bad"), "source=/nonexistent/corpus.tar"])
+    err = capsys.readouterr().err
+    assert code == 1 and "01_data.ipynb failed" in err and str(tmp_path / "bad" / "01_data.ipynb") in err
+    assert "no such file or folder" in err
+
+
+def test_unknown_preset_and_setting(tmp_path, capsys):
+    assert main(["--preset", "nope", "--out", str(tmp_path / "x")]) == 1
+    assert main(["--preset", "smoke", "--out", str(tmp_path / "y"), "bogus=1"]) == 1
+    assert "unknown pipeline settings" in capsys.readouterr().err
