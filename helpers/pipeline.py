@@ -36,7 +36,7 @@ PRESETS: dict[str, dict] = {
     # The same path at toy sizes for the tests; the parent is pre-trained here from scratch.
     "smoke": dict(parent="pretrain", parent_shape=dict(n_layer=4, n_head=2, n_embd=64, block_size=128,
                                                        vocab_size=50257),
-                  parent_iters=40, n_layers=2, source="stdlib", tokenizer="gpt2", max_tokens=None, max_docs=60,
+                  parent_iters=40, n_layers=2, source="stdlib", tokenizer="gpt2", max_tokens=30_000, max_docs=None,
                   val_fraction=0.1, max_iters=20, batch_size=8, block_size=64, grad_accum=1,
                   learning_rate=2e-3, min_lr=2e-4, warmup_iters=2, eval_interval=10, eval_iters=2,
                   eval_block_size=64, attention_tokens=32, max_new_tokens=8),
@@ -97,7 +97,7 @@ def _parse_value(v: str):
 def run(preset: str = "demo", out: str | Path | None = None, overrides: dict | None = None,
         update_readme: bool = False) -> dict:
     s = settings(preset, overrides or {})
-    run_dir = Path(out or REPO / "runs" / preset).resolve()
+    run_dir = Path(out or REPO / "runs" / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / "summary.json").exists() or (run_dir / "child").exists():
         raise ConfigError(f"--out {run_dir} already holds a pipeline run; pass another --out or delete it")
@@ -188,7 +188,7 @@ def write_readme_results(summary: dict) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="demo", help=f"one of {', '.join(PRESETS)}")
-    ap.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
+    ap.add_argument("--out", default=None, help="run folder (default runs/<preset>-<date>-<time>)")
     ap.add_argument("--update-readme", action="store_true", help="write images/ and the README results section")
     ap.add_argument("overrides", nargs="*", help="key=value settings of the preset")
     args = ap.parse_args(argv)

@@ -464,8 +464,8 @@ def train(cfg: TrainConfig) -> dict:
                                                                                  "tokenizer": meta["tokenizer"]})
                 path = save_checkpoint(out_dir / f"step_{step:07d}.pt", raw_model, **state_out)
                 if improved:
-                    shutil.copy(path, out_dir / "best.pt")
-                    shutil.copy(path.with_suffix(".json"), out_dir / "best.json")
+                    for src, dst in ((path, out_dir / "best.pt"), (path.with_suffix(".json"), out_dir / "best.json")):
+                        link_or_copy(src, dst)
                 for old in sorted(out_dir.glob("step_*.pt"))[:-cfg.keep_last]:
                     old.unlink()
                     old.with_suffix(".json").unlink(missing_ok=True)
@@ -509,6 +509,17 @@ def train(cfg: TrainConfig) -> dict:
     if ddp:
         dist.destroy_process_group()
     return record
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """dst becomes a hard link to src (no second gigabyte on disk), or a copy where links fail."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _skip_batch(data, cfg: TrainConfig, sampler: torch.Generator):
