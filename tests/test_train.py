@@ -218,3 +218,19 @@ def test_ddp_two_processes_equal_one_with_twice_the_accumulation(setup, tmp_path
     assert [s for s, _, _ in a] == [s for s, _, _ in b]
     for (_, ta, va), (_, tb, vb) in zip(a, b):
         assert ta == pytest.approx(tb, rel=1e-4) and va == pytest.approx(vb, rel=1e-4)
+
+
+def test_token_budget_sets_the_number_of_steps(setup, tmp_path):
+    from helpers.train import total_iters
+    cfg = tiny(setup, tmp_path / "t", max_iters=None, max_tokens=1000, batch_size=2, block_size=32, grad_accum=2)
+    assert total_iters(cfg) == 8  # ceil(1000 / (2 * 32 * 2))
+    rec = train(cfg)
+    assert rec["step"] == 8 and rec["tokens"] == 8 * 2 * 32 * 2
+
+
+def test_compiled_training_matches_eager(setup, tmp_path):
+    """compile=True goes through torch.compile (inductor on CPU) and trains to the same losses."""
+    pytest.importorskip("torch._inductor")
+    eager = train(tiny(setup, tmp_path / "eager", max_iters=2, eval_interval=2))
+    compiled = train(tiny(setup, tmp_path / "compiled", max_iters=2, eval_interval=2, compile=True))
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-3)

@@ -1,0 +1,55 @@
+"""Shared by the bench scripts: timing with warm-up, alternation of contenders, result tables."""
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def median_time(fn, repeats: int = 5, warmup: int = 1, sync=None) -> float:
+    """Median wall time of fn() over `repeats` runs after `warmup` runs (sync: e.g. cuda.synchronize)."""
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def alternate(contenders: dict, rounds: int = 2, **kw) -> dict:
+    """{name: fn} -> {name: best median over `rounds`}, running the contenders in turn each round so
+    that drifts of the machine hit all of them alike."""
+    results = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            results[name].append(median_time(fn, **kw))
+    return {name: min(v) for name, v in results.items()}
+
+
+def machine() -> str:
+    import platform
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def write_json(path, data: dict) -> None:
+    Path(path).write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), **data}, indent=2))
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths))))
