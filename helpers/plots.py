@@ -18,9 +18,10 @@ def _save(fig, path):
 
 
 def plot_loss_curves(runs: dict, reference: dict | None = None, title: str = "Loss against tokens seen",
-                     path=None, log_y: bool = False):
+                     path=None, log_y: bool = True):
     """Loss against tokens seen for each {name: run folder}: val solid, train dashed, one colour
-    per run. `reference` draws horizontal lines, e.g. {"parent val loss": 1.3}."""
+    per run. `reference` draws horizontal lines, e.g. {"parent val loss": 1.3}. The loss axis is
+    logarithmic by default: an inherited child starts very high and ends close to its parent."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (name, run) in enumerate(runs.items()):
         m = read_metrics(run)
@@ -32,7 +33,12 @@ def plot_loss_curves(runs: dict, reference: dict | None = None, title: str = "Lo
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("cross-entropy loss")
     if log_y:
+        from matplotlib.ticker import LogLocator, ScalarFormatter
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

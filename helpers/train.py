@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helpers.checkpoint import load_model, load_training_state, save_checkpoint
+from helpers.checkpoint import atomic_write, load_model, load_training_state, save_checkpoint, unwritable_reason
 from helpers.data import get_batch, open_split, prepare, read_meta
 from helpers.errors import ConfigError, DataError, HelpersError
 from helpers.inherit import inherit
@@ -317,13 +317,9 @@ def ensure_data(cfg: TrainConfig) -> dict:
 
 
 def check_out_dir(out_dir: Path, model: GPT) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"x")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"out_dir={out_dir}: not writable ({e.strerror}); choose another out_dir") from None
+    reason = unwritable_reason(out_dir)
+    if reason:
+        raise ConfigError(f"out_dir={out_dir}: not writable ({reason}); choose another out_dir")
     need = model.num_params() * 4 * 3 * 2  # weights + two AdamW moments, twice (a checkpoint and its successor)
     free = shutil.disk_usage(out_dir).free
     if free < need:
@@ -469,7 +465,8 @@ def train(cfg: TrainConfig) -> dict:
                 for old in sorted(out_dir.glob("step_*.pt"))[:-cfg.keep_last]:
                     old.unlink()
                     old.with_suffix(".json").unlink(missing_ok=True)
-            bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}", refresh=False)
+            bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}",
+                            tok_s=f"{tps:,.0f}" if tps else "-", refresh=False)
             t_window, tokens_timed = time.time(), 0
         if step >= total:
             break
@@ -533,7 +530,6 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    from helpers.checkpoint import atomic_write
     atomic_write(path, lambda f: f.write(("\n".join(keep) + "\n" if keep else "").encode()))
 
 

@@ -234,3 +234,11 @@ def test_compiled_training_matches_eager(setup, tmp_path):
     eager = train(tiny(setup, tmp_path / "eager", max_iters=2, eval_interval=2))
     compiled = train(tiny(setup, tmp_path / "compiled", max_iters=2, eval_interval=2, compile=True))
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-3)
+
+
+def test_kaggle_default_paths(monkeypatch):
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    cfg = TrainConfig()
+    assert cfg.out_dir.startswith("/kaggle/working/") and cfg.data_dir.startswith("/kaggle/working/data/")
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE")
+    assert TrainConfig().out_dir == "./runs/train"
