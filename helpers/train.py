@@ -434,7 +434,7 @@ def train(cfg: TrainConfig) -> dict:
                mininterval=1.0, file=sys.stderr)
     first_bad = torch.tensor(-1, device=device)  # step of the first non-finite loss, kept on the device
     record, resumed_at = {}, step if state is not None else None
-    t_start, steps_timed, tokens_timed = time.time(), 0, 0
+    t_start, tokens_timed = time.time(), 0
     t_window = time.time()
     while True:
         if (step % cfg.eval_interval == 0 or step == total) and step != resumed_at:

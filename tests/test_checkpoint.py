@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_hf_gpt2, tokens
+from conftest import tokens
 from helpers.checkpoint import export_hf, load_model, read_sidecar, save_checkpoint
 from helpers.errors import CheckpointError
 from helpers.model import GPT, GPTConfig

@@ -3,7 +3,7 @@ import sysconfig
 
 import pytest
 
-from helpers.tokenizer import encoding_from_tokenizer_json, end_of_text, get_encoding, gpt2_encoding
+from helpers.tokenizer import encoding_from_tokenizer_json, end_of_text, get_encoding
 
 MULTILINGUAL = [
     "The quick brown fox jumps over the lazy dog. It's 3.14159 o'clock; we'll see.",
