@@ -123,6 +123,14 @@ def _iter_text_files(files, stats: Stats, root: Path | None = None):
         yield (str(f.relative_to(root)) if root else str(f)), Path(f)
 
 
+def _glob_root(pattern: str) -> Path:
+    """The folder above a glob's first wildcard: document names are taken relative to it, so the
+    split does not depend on where the corpus lies on disk."""
+    parts = Path(pattern).expanduser().parts
+    fixed = [p for p in parts[:next(i for i, p in enumerate(parts) if any(ch in p for ch in "*?["))]]
+    return Path(*fixed) if fixed else Path(".")
+
+
 def _iter_jsonl(path: Path, text_field: str, stats: Stats, strict: bool):
     with open(path, "rb") as fh:
         for i, line in enumerate(fh):
@@ -183,7 +191,7 @@ def iter_documents(source: str, stats: Stats, text_field: str = "text", strict: 
             return _iter_owt_tar(path, stats, strict)
         if path.suffix == ".jsonl":
             return _iter_jsonl(path, text_field, stats, strict)
-        return _iter_text_files([path], stats)
+        return _iter_text_files([path], stats, path.parent)
     if path.is_dir():
         if any(path.glob("*.xz")):
             return _iter_owt_folder(path, stats, strict)
@@ -192,10 +200,10 @@ def iter_documents(source: str, stats: Stats, text_field: str = "text", strict: 
             raise DataError(f"{path}: folder has no .xz or text files ({', '.join(sorted(TEXT_SUFFIXES))}); {SOURCES_HELP}")
         return _iter_text_files(files, stats, path)
     if any(ch in s for ch in "*?["):
-        files = sorted(Path(p) for p in globlib.glob(s, recursive=True) if Path(p).is_file())
+        files = sorted(Path(p) for p in globlib.glob(str(Path(s).expanduser()), recursive=True) if Path(p).is_file())
         if not files:
             raise DataError(f"{s}: the glob matches no files; {SOURCES_HELP}")
-        return _iter_text_files(files, stats)
+        return _iter_text_files(files, stats, _glob_root(s))
     raise DataError(f"{s}: no such file or folder; {SOURCES_HELP}")
 
 

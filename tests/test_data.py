@@ -102,6 +102,21 @@ def test_text_jsonl_glob_and_caps(tmp_path):
     assert 500 <= sum(d["splits"][s]["tokens"] for s in d["splits"]) < 500 + 200
 
 
+def test_split_does_not_depend_on_where_the_corpus_lies(tmp_path):
+    # names are relative to the folder or the glob's fixed prefix, so a copied corpus splits the same
+    metas = []
+    for where in ("here", "elsewhere/deeper"):
+        (tmp_path / where / "t").mkdir(parents=True)
+        for i in range(40):
+            (tmp_path / where / "t" / f"{i}.txt").write_text(f"file {i} " * 20)
+        metas.append([prepare(src, tmp_path / where / f"o{k}", val_fraction=0.3, progress=False)
+                      for k, src in enumerate((str(tmp_path / where / "t"), str(tmp_path / where / "t" / "*.txt")))])
+    for k in range(2):
+        assert metas[0][k]["splits"] == metas[1][k]["splits"]
+        assert metas[0][k]["sha256"] == metas[1][k]["sha256"]
+    assert metas[0][0]["splits"] == metas[0][1]["splits"]
+
+
 def test_embedded_default_records_its_files(tmp_path):
     meta = prepare("stdlib", tmp_path / "s", max_docs=40, progress=False)
     assert len(meta["files"]) > 500 and meta["files"] == sorted(meta["files"]) and meta["python"]
