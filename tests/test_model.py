@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tokens
 from helpers.checkpoint import load_model
@@ -80,3 +81,41 @@ def test_llama_logits_equal_transformers(tmp_path, tie):
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
     assert torch.equal(ours.generate(idx[:1, :5], 10, temperature=0),
                        ref.generate(idx[:1, :5], max_new_tokens=10, do_sample=False, pad_token_id=0))
+
+
+@pytest.mark.parametrize("chunk", [5, 4096])
+def test_fused_head_loss_equals_cross_entropy_in_value_and_gradients(chunk):
+    from helpers.model import LinearCrossEntropy
+    torch.manual_seed(0)
+    x0, w0 = torch.randn(23, 16), torch.randn(50, 16)
+    targets = torch.randint(0, 50, (23,))
+    targets[[0, 7, 22]] = -1  # ignored positions count neither in the loss nor in the mean
+    grads = []
+    for fused in (False, True):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = (LinearCrossEntropy.apply(x, w, targets, chunk) if fused
+                else F.cross_entropy(x @ w.t(), targets, ignore_index=-1))
+        (3.0 * loss).backward()  # the upstream gradient scales both gradients
+        grads.append((loss.detach(), x.grad, w.grad))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    frozen = w0.clone()  # a frozen head: only x gets a gradient
+    x = x0.clone().requires_grad_()
+    LinearCrossEntropy.apply(x, frozen, targets, chunk).backward()
+    assert frozen.grad is None and torch.allclose(x.grad, grads[0][1] / 3, atol=1e-6)
+
+
+def test_training_loss_uses_the_fused_head_and_matches_the_plain_one():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=97, block_size=16))
+    idx = torch.randint(0, 97, (3, 16))
+    logits, fused = model(idx, idx)
+    assert logits is None  # training on the CPU: no (tokens, vocab) logits were built
+    fused.backward()
+    g_fused = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    model.fused_loss = False
+    logits, plain = model(idx, idx)
+    assert logits is not None and torch.allclose(fused, plain, atol=1e-6)
+    plain.backward()
+    assert torch.allclose(g_fused, model.lm_head.weight.grad, atol=1e-6)
