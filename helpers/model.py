@@ -158,53 +158,95 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class Workspace:
+    """A scratch buffer kept between training steps, so that the fused head's (tokens, vocab)
+    buffer is not a fresh allocation (hundreds of MB of page faults) at every step. Never copied,
+    pickled or saved."""
+
+    def __init__(self):
+        self.buf: torch.Tensor | None = None
+
+    def get(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        b = self.buf
+        if b is None or b.numel() < numel or b.dtype != like.dtype or b.device != like.device:
+            self.buf = b = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return b[:numel]
+
+    def __deepcopy__(self, memo):
+        return Workspace()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.buf = None
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """mean cross-entropy(x @ weight.T, targets), ignoring targets of -1, with both gradients
-    computed during the forward pass, chunk by chunk over the tokens.
+    computed during the forward pass.
 
-    The usual head + F.cross_entropy keeps three (tokens, vocab) float32 tensors alive for the
-    backward pass (logits, log-probabilities, their gradient) and sweeps them half a dozen times;
-    here one buffer per chunk becomes softmax - one-hot in place and feeds the two gradient
-    matmuls at once. Same FLOPs, fewer memory sweeps and allocations: measured 5% faster for the
-    head of the SmolLM2 child on a CPU. Used for training on the CPU in float32 (see
-    GPT.forward); autocast and torch.compile keep the standard path."""
+    The usual head + F.cross_entropy allocates three (tokens, vocab) float32 tensors per step
+    (logits, log-probabilities, their gradient) and sweeps them half a dozen times. Here the
+    logits are computed in blocks of the vocabulary into a buffer kept between steps; a first
+    sweep takes each block's log-sum-exp while the block is still in cache, a second turns each
+    block into softmax - one-hot in place and feeds it straight into the two gradient matmuls.
+    Same FLOPs; on a 2-core CPU the head's forward + backward takes ~40% less time (the blocked
+    matmuls are also faster than one (tokens, vocab) product). Used for training on the CPU in
+    float32 (see GPT.forward); autocast and torch.compile keep the standard path."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk):
+    def forward(ctx, x, weight, targets, workspace, token_chunk, vocab_chunk):
+        n, vocab = x.shape[0], weight.shape[0]
         valid = targets != -1
         scale = valid.to(x.dtype) / valid.sum()  # 1/n for counted tokens, 0 for ignored ones
-        log_scale = scale.log()  # -inf for ignored tokens: their softmax rows vanish below
         safe = targets.clamp(min=0)
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         gw = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        bounds = [(a, min(a + vocab_chunk, vocab)) for a in range(0, vocab, vocab_chunk)]
         loss = x.new_zeros(())
-        for s in range(0, x.shape[0], chunk):
-            e = min(s + chunk, x.shape[0])
-            xc, t, sc = x[s:e], safe[s:e, None], scale[s:e]
-            logits = xc @ weight.t()  # (c, vocab)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += ((lse - logits.gather(1, t).squeeze(1)) * sc).sum()
-            p = logits.sub_((lse - log_scale[s:e])[:, None]).exp_()  # softmax / n, in place
-            p.scatter_add_(1, t, -sc[:, None])  # - one-hot / n: now d loss / d logits
+        for s in range(0, n, token_chunk):
+            e = min(s + token_chunk, n)
+            c, xc, t, sc = e - s, x[s:e], safe[s:e], scale[s:e]
+            space, blocks, lses = workspace.get(c * vocab, x), [], []
+            picked, owner = x.new_empty(c), t // vocab_chunk  # owner: the block holding each target
+            for j, (a, b) in enumerate(bounds):  # sweep 1: logits and their log-sum-exp, block by block
+                logits = space[a * c:b * c].view(c, b - a)
+                torch.mm(xc, weight[a:b].t(), out=logits)
+                rows = (owner == j).nonzero().squeeze(1)
+                cols = t[rows] - a
+                picked[rows] = logits[rows, cols]
+                lses.append(torch.logsumexp(logits, dim=1))
+                blocks.append((logits, rows, cols))
+            lse = torch.logsumexp(torch.stack(lses, dim=1), dim=1)
+            loss += ((lse - picked) * sc).sum()
+            xs = xc * sc[:, None]  # the 1/n goes on the small (c, C) side of the gradient matmuls
+            for j, ((logits, rows, cols), (a, b)) in enumerate(zip(blocks, bounds)):  # sweep 2
+                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                p[rows, cols] -= 1.0  # minus one-hot: d loss_i / d logits_i (times n)
+                if gx is not None:
+                    torch.mm(p, weight[a:b], out=gx[s:e]) if j == 0 else gx[s:e].addmm_(p, weight[a:b])
+                if gw is not None:
+                    torch.mm(p.t(), xs, out=gw[a:b]) if s == 0 else gw[a:b].addmm_(p.t(), xs)
             if gx is not None:
-                torch.mm(p, weight, out=gx[s:e])
-            if gw is not None:
-                torch.mm(p.t(), xc, out=gw) if s == 0 else gw.addmm_(p.t(), xc)
+                gx[s:e].mul_(sc[:, None])
         ctx.save_for_backward(gx, gw)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        gx, gw = ctx.saved_tensors
-        return (gx * grad if gx is not None else None), (gw * grad if gw is not None else None), None, None
+        gx, gw = ctx.saved_tensors  # used once: scaled in place, no new (vocab, C) allocation
+        return (gx.mul_(grad) if gx is not None else None), (gw.mul_(grad) if gw is not None else None), \
+            None, None, None, None
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         workspace: Workspace | None = None, vocab_chunk: int = 2048) -> torch.Tensor:
     """x: (N, C), weight: (V, C), targets: (N,) with -1 ignored -> mean loss, as
-    F.cross_entropy(x @ weight.T, targets, ignore_index=-1)."""
-    chunk = max(1, 2 ** 28 // weight.shape[0])  # (chunk, vocab) float32 buffer of at most 1 GiB
-    return LinearCrossEntropy.apply(x, weight, targets, chunk)
+    F.cross_entropy(x @ weight.T, targets, ignore_index=-1), computed by LinearCrossEntropy."""
+    token_chunk = max(1, 2 ** 28 // weight.shape[0])  # a (tokens, vocab) float32 buffer of at most 1 GiB
+    return LinearCrossEntropy.apply(x, weight, targets, workspace or Workspace(), token_chunk, vocab_chunk)
 
 
 class MLP(nn.Module):
@@ -256,6 +298,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.provenance: dict = {}  # where the weights came from; written to checkpoint sidecars
+        self._workspace = Workspace()  # the fused training loss's scratch buffer
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections that write into the residual stream.
         for name, p in self.named_parameters():
@@ -294,7 +337,8 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x), None
         if self._fused_loss(x):  # training on the CPU: no logits are materialised (logits is None)
-            return None, linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
+            return None, linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                              self._workspace)
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss

@@ -83,9 +83,10 @@ def test_llama_logits_equal_transformers(tmp_path, tie):
                        ref.generate(idx[:1, :5], max_new_tokens=10, do_sample=False, pad_token_id=0))
 
 
-@pytest.mark.parametrize("chunk", [5, 4096])
-def test_fused_head_loss_equals_cross_entropy_in_value_and_gradients(chunk):
-    from helpers.model import LinearCrossEntropy
+@pytest.mark.parametrize("token_chunk,vocab_chunk", [(5, 7), (4096, 2048)])
+def test_fused_head_loss_equals_cross_entropy_in_value_and_gradients(token_chunk, vocab_chunk):
+    from helpers.model import LinearCrossEntropy, Workspace
+    space = Workspace()
     torch.manual_seed(0)
     x0, w0 = torch.randn(23, 16), torch.randn(50, 16)
     targets = torch.randint(0, 50, (23,))
@@ -93,7 +94,7 @@ def test_fused_head_loss_equals_cross_entropy_in_value_and_gradients(chunk):
     grads = []
     for fused in (False, True):
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-        loss = (LinearCrossEntropy.apply(x, w, targets, chunk) if fused
+        loss = (LinearCrossEntropy.apply(x, w, targets, space, token_chunk, vocab_chunk) if fused
                 else F.cross_entropy(x @ w.t(), targets, ignore_index=-1))
         (3.0 * loss).backward()  # the upstream gradient scales both gradients
         grads.append((loss.detach(), x.grad, w.grad))
@@ -101,7 +102,7 @@ def test_fused_head_loss_equals_cross_entropy_in_value_and_gradients(chunk):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
     frozen = w0.clone()  # a frozen head: only x gets a gradient
     x = x0.clone().requires_grad_()
-    LinearCrossEntropy.apply(x, frozen, targets, chunk).backward()
+    LinearCrossEntropy.apply(x, frozen, targets, space, token_chunk, vocab_chunk).backward()
     assert frozen.grad is None and torch.allclose(x.grad, grads[0][1] / 3, atol=1e-6)
 
 
