@@ -3,8 +3,8 @@
 Reading order: config, norms and rotary positions, attention, MLP, block, the model.
 Module names follow nanoGPT / Hugging Face GPT-2 (`transformer.h.0.attn.c_attn`, ...) so
 that GPT-2 and nanoGPT weights load by name. The Llama variant keeps those names: q, k and v
-live fused in `c_attn`, gate and up fused in `mlp.c_fc` (one matmul each instead of three or
-two), and `helpers.checkpoint` holds the explicit key maps to and from Hugging Face.
+are stored as one matrix in `c_attn`, gate and up as one in `mlp.c_fc` (computed as matmuls on
+their row blocks), and `helpers.checkpoint` holds the explicit key maps to and from Hugging Face.
 """
 from __future__ import annotations
 
@@ -259,12 +259,17 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        h = self.c_fc(x)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
+            # gate and up are stored as one matrix but computed as two matmuls on its row blocks:
+            # contiguous outputs, measured ~2% faster for the whole no-grad forward than one
+            # matmul and a split, and no slower in training
+            w, b = self.c_fc.weight, self.c_fc.bias
+            half = w.shape[0] // 2
+            gate = F.linear(x, w[:half], None if b is None else b[:half])
+            up = F.linear(x, w[half:], None if b is None else b[half:])
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(self.c_fc(x), approximate="tanh")
         return self.dropout(self.c_proj(h))
 
 
