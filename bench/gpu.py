@@ -6,6 +6,8 @@ against transformers' GPT2LMHeadModel (sdpa) with the same weights. MFU = achiev
 (6 N + 12 L d T per token) / the GPU's dense bf16 peak (helpers.train.PEAK_FLOPS).
 
     python bench/gpu.py [--steps 10] [--no-compile] [--json bench/gpu.json]
+    python bench/gpu.py --device cpu --tiny --steps 1 --no-compile   # a smoke run of the same code
+                                                                     # (the test suite runs it)
 """
 import argparse
 import tempfile
@@ -21,15 +23,21 @@ from helpers.train import peak_flops
 
 SHAPES = {"gpt2-small-shaped (12L)": dict(n_layer=12, n_embd=768, n_head=12, batch=16),
           "gpt2-medium child (16L)": dict(n_layer=16, n_embd=1024, n_head=16, batch=12)}
+TINY = {"tiny (2L)": dict(n_layer=2, n_embd=64, n_head=2, batch=2)}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def measure(model, is_ours, batch, seq, steps, device):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     x = torch.randint(0, 50257, (batch, seq + 1), device=device)
     inp, tgt = x[:, :-1], x[:, 1:].contiguous()
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(inp, tgt)[1] if is_ours else model(input_ids=inp, labels=inp).loss
         loss.backward()
         opt.step()
@@ -37,11 +45,11 @@ def measure(model, is_ours, batch, seq, steps, device):
 
     for _ in range(3):  # warm-up (and compilation)
         step()
-    torch.cuda.synchronize()
+    sync(device)
     t = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    sync(device)
     return batch * seq * steps / (time.perf_counter() - t)
 
 
@@ -51,17 +59,21 @@ def main():
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--json", default="bench/gpu.json")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the script, measures nothing useful")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/gpu.py needs a CUDA GPU")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench/gpu.py needs a CUDA GPU (or --device cpu --tiny for a smoke run)")
     import transformers
-    device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     peak = peak_flops(device)
+    name_of_device = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows, data = [], {}
-    for label, shape in SHAPES.items():
-        cfg = GPTConfig(n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_head"], block_size=1024)
+    for label, shape in (TINY if args.tiny else SHAPES).items():
+        cfg = GPTConfig(n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_head"],
+                        block_size=max(1024, args.seq))
         torch.manual_seed(0)
         base = GPT(cfg)
         flops_per_token = base.flops_per_token(args.seq)
@@ -78,9 +90,10 @@ def main():
                 key = f"{name}{'+compile' if compiled else ''}"
                 data.setdefault(label, {})[key] = {"tokens_per_s": tps, "mfu": mfu, "wall_s": time.time() - started}
                 rows.append([label, key, f"{tps:,.0f}", f"{100 * mfu:.1f}%" if mfu else "n/a"])
-                torch.cuda.empty_cache()
-    write_json(args.json, {"gpu": torch.cuda.get_device_name(0), "peak_flops": peak, "seq": args.seq, "results": data})
-    print_table(f"{torch.cuda.get_device_name(0)}: training, bf16 autocast, context {args.seq}",
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    write_json(args.json, {"gpu": name_of_device, "peak_flops": peak, "seq": args.seq, "results": data})
+    print_table(f"{name_of_device}: training, bf16 autocast, context {args.seq}",
                 ["shape", "model", "tokens/s", "MFU"], rows)
 
 
