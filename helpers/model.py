@@ -198,6 +198,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, workspace, token_chunk, vocab_chunk):
         n, vocab = x.shape[0], weight.shape[0]
+        if n:  # as F.cross_entropy does (a cheap check: this path only runs on the CPU)
+            bad = targets[(targets < -1) | (targets >= vocab)]
+            if bad.numel():
+                raise IndexError(f"Target {int(bad[0])} is out of bounds (vocabulary of {vocab}).")
         valid = targets != -1
         scale = valid.to(x.dtype) / valid.sum()  # 1/n for counted tokens, 0 for ignored ones
         safe = targets.clamp(min=0)

@@ -120,3 +120,11 @@ def test_training_loss_uses_the_fused_head_and_matches_the_plain_one():
     assert logits is not None and torch.allclose(fused, plain, atol=1e-6)
     plain.backward()
     assert torch.allclose(g_fused, model.lm_head.weight.grad, atol=1e-6)
+
+
+def test_fused_head_loss_rejects_out_of_range_targets_like_cross_entropy():
+    from helpers.model import linear_cross_entropy
+    x, w = torch.randn(4, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
+    for bad in (10, -2):
+        with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+            linear_cross_entropy(x, w, torch.tensor([1, bad, 2, -1]))
