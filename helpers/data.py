@@ -125,7 +125,7 @@ class TextFile(NamedTuple):
     size: int
 
 
-def _iter_text_files(files, stats: Stats, root: Path | None = None):
+def _iter_text_files(files, root: Path | None = None):
     prefix = os.path.join(str(root), "") if root is not None and str(root) != "." else ""
     for f in files:
         path = str(f)
@@ -186,7 +186,7 @@ def iter_documents(source: str, stats: Stats, text_field: str = "text", strict: 
     if s == "stdlib":
         root, files = stdlib_files()
         stats.files = [str(f.relative_to(root)) for f in files]
-        return _iter_text_files(files, stats, root)
+        return _iter_text_files(files, root)
     if s.startswith("owt:"):
         try:
             n = int(s[4:])
@@ -201,19 +201,19 @@ def iter_documents(source: str, stats: Stats, text_field: str = "text", strict: 
             return _iter_owt_tar(path, stats, strict)
         if path.suffix == ".jsonl":
             return _iter_jsonl(path, text_field, stats, strict)
-        return _iter_text_files([path], stats, path.parent)
+        return _iter_text_files([path], path.parent)
     if path.is_dir():
         if any(path.glob("*.xz")):
             return _iter_owt_folder(path, stats, strict)
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
             raise DataError(f"{path}: folder has no .xz or text files ({', '.join(sorted(TEXT_SUFFIXES))}); {SOURCES_HELP}")
-        return _iter_text_files(files, stats, path)
+        return _iter_text_files(files, path)
     if any(ch in s for ch in "*?["):
         files = sorted(Path(p) for p in globlib.glob(str(Path(s).expanduser()), recursive=True) if Path(p).is_file())
         if not files:
             raise DataError(f"{s}: the glob matches no files; {SOURCES_HELP}")
-        return _iter_text_files(files, stats, _glob_root(s))
+        return _iter_text_files(files, _glob_root(s))
     raise DataError(f"{s}: no such file or folder; {SOURCES_HELP}")
 
 
