@@ -36,16 +36,12 @@ def alternate(contenders: dict, rounds: int = 2, **kw) -> dict:
     return {name: min(v) for name, v in results.items()}
 
 
-def machine() -> str:
-    import platform
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
 def write_json(path, data: dict) -> None:
-    Path(path).write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), **data}, indent=2))
+    import torch
+
+    from helpers.pipeline import machine
+    Path(path).write_text(json.dumps({"machine": machine(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                                      **data}, indent=2))
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:

@@ -69,7 +69,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     peak = peak_flops(device)
-    name_of_device = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name_of_device = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"  # the device measured
     rows, data = [], {}
     for label, shape in (TINY if args.tiny else SHAPES).items():
         cfg = GPTConfig(n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_head"],

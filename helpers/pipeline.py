@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 import time
 from pathlib import Path
@@ -150,19 +151,21 @@ def run(preset: str = "demo", out: str | Path | None = None, overrides: dict | N
 
 
 def summarize(run_dir: Path, preset: str, s: dict, elapsed: float, images: Path) -> dict:
-    import platform
     import pandas as pd
-    import torch
     results = pd.read_csv(run_dir / "eval" / "eval.csv")
-    if torch.cuda.is_available():
-        machine = torch.cuda.get_device_name(0)
-    else:
-        machine = f"{cpu_name() or platform.machine()}, {torch.get_num_threads()} CPU threads, no GPU"
-    summary = {"preset": preset, "settings": s, "elapsed_s": round(elapsed, 1), "machine": machine,
+    summary = {"preset": preset, "settings": s, "elapsed_s": round(elapsed, 1), "machine": machine(),
                "date": time.strftime("%Y-%m-%d"), "results": results.to_dict(orient="records"),
                "images": sorted(str(p) for p in images.glob("*.png"))}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def machine() -> str:
+    """The machine in words, for records of runs and benchmarks: the GPU's name, or the CPU's."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{cpu_name() or platform.machine()}, {torch.get_num_threads()} CPU threads, no GPU"
 
 
 def cpu_name() -> str | None:
