@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from helpers.checkpoint import load_model, read_sidecar, resolve
 from helpers.data import iter_sequential, open_split
-from helpers.model import GPT, apply_rope
+from helpers.model import GPT
 
 
 @torch.no_grad()
@@ -74,14 +74,7 @@ def attention_maps(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     maps = []
     for block in t.h:
         attn = block.attn
-        h = block.ln_1(x)
-        q_size, kv_size = attn.n_head * attn.head_dim, attn.n_kv_head * attn.head_dim
-        q, k, _ = attn.c_attn(h).split([q_size, kv_size, kv_size], dim=2)
-        q = q.view(1, T, attn.n_head, attn.head_dim).transpose(1, 2)
-        k = k.view(1, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
-        if rope is not None:
-            cos, sin = rope[0][:T], rope[1][:T]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, _ = attn.heads(block.ln_1(x), rope)  # exactly what the block's attention computes
         k = k.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(attn.head_dim)
         maps.append(scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)[0].float())

@@ -131,18 +131,24 @@ class CausalSelfAttention(nn.Module):
     def qkv_biases(self):
         return self._split(self.c_attn.bias) if self.c_attn.bias is not None else (None, None, None)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0):
-        B, T, C = x.shape
+    def heads(self, x, rope=None, start: int = 0):
+        """q (B, nh, T, hd), k and v (B, nkv, T, hd) of x (B, T, C) at positions start.., rotated."""
+        B, T, _ = x.shape
         # q, k and v are stored as one matrix (one tensor to load and save) but computed as three
         # matmuls on its row blocks: contiguous outputs make RoPE and attention's backward ~5% faster.
         q, k, v = (F.linear(x, w, b) for w, b in zip(self.qkv_weights(), self.qkv_biases()))
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        start = cache.pos if cache is not None else 0
         if rope is not None:
             cos, sin = rope[0][start:start + T], rope[1][start:start + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        start = cache.pos if cache is not None else 0
+        q, k, v = self.heads(x, rope, start)
         if cache is not None:
             cache.k[layer][:, :, start:start + T] = k
             cache.v[layer][:, :, start:start + T] = v
