@@ -125,3 +125,24 @@ def test_smollm2_tokenizer_equals_transformers_on_its_own_vocabulary():
     texts = corpus(200) + ["control \x04 bytes and a rare plane \U00050000 character"]
     assert [enc.encode_ordinary(t) for t in texts] == [hf.encode(t, add_special_tokens=False) for t in texts]
     assert enc.n_vocab == 49152 and end_of_text(enc) == 0
+
+
+def test_copy_encoding_encodes_like_the_original_for_plain_and_model_encodings(tmp_path):
+    # the data preparation encodes on per-thread copies; a vocabulary lacking bytes (trained on
+    # ASCII only) makes a ModelEncoding, whose copy must keep dropping those bytes
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from helpers.data import encode_ids
+    from helpers.tokenizer import ModelEncoding, copy_encoding, gpt2_encoding
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.train_from_iterator(["def add(a, b):\n    return a + b\n"] * 50,
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False))
+    tk.save(str(tmp_path / "tokenizer.json"))
+    narrow = encoding_from_tokenizer_json(tmp_path / "tokenizer.json")
+    assert isinstance(narrow, ModelEncoding)
+    text = "def mul(a, b):\n    return a * b  # café ✓\n"
+    for enc in (narrow, gpt2_encoding()):
+        copy = copy_encoding(enc)
+        assert copy is not enc and type(copy) is type(enc) and copy.n_vocab == enc.n_vocab
+        assert encode_ids(copy, text).tolist() == encode_ids(enc, text).tolist() == enc.encode_ordinary(text)
