@@ -62,17 +62,11 @@ def continuations(models: dict, enc, prompts: list[str], max_new_tokens: int = 3
 def attention_maps(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     """Post-softmax causal attention of every layer for idx (1, T): a list of (n_head, T, T)."""
     model.eval()
-    cfg, t = model.config, model.transformer
     T = idx.size(1)
-    x = t.wte(idx)
-    rope = None
-    if cfg.pos == "learned":
-        x = x + t.wpe(torch.arange(T, device=idx.device))
-    else:
-        rope = (model.rope_cos, model.rope_sin)
+    x, rope = model.embed(idx)
     mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
     maps = []
-    for block in t.h:
+    for block in model.transformer.h:
         attn = block.attn
         q, k, _ = attn.heads(block.ln_1(x), rope)  # exactly what the block's attention computes
         k = k.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)

@@ -56,12 +56,7 @@ def truncated_forward(parent: GPT, idx: torch.Tensor, layers: list[int]) -> torc
     """The parent's logits computed with only `layers` of its blocks, then its final norm and head:
     what an inherited child must reproduce exactly."""
     t = parent.transformer
-    x = t.wte(idx)
-    rope = None
-    if parent.config.pos == "learned":
-        x = x + t.wpe(torch.arange(idx.size(1), device=idx.device))
-    else:
-        rope = (parent.rope_cos, parent.rope_sin)
+    x, rope = parent.embed(idx)
     for i in layers:
         x = t.h[i](x, rope)
     return parent.lm_head(t.ln_f(x))

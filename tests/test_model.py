@@ -85,7 +85,7 @@ def test_llama_logits_equal_transformers(tmp_path, tie):
 
 @pytest.mark.parametrize("token_chunk,vocab_chunk", [(5, 7), (4096, 2048)])
 def test_fused_head_loss_equals_cross_entropy_in_value_and_gradients(token_chunk, vocab_chunk):
-    from helpers.model import LinearCrossEntropy, Workspace
+    from helpers.head_loss import LinearCrossEntropy, Workspace
     space = Workspace()
     torch.manual_seed(0)
     x0, w0 = torch.randn(23, 16), torch.randn(50, 16)
@@ -123,7 +123,7 @@ def test_training_loss_uses_the_fused_head_and_matches_the_plain_one():
 
 
 def test_fused_head_loss_rejects_out_of_range_targets_like_cross_entropy():
-    from helpers.model import linear_cross_entropy
+    from helpers.head_loss import linear_cross_entropy
     x, w = torch.randn(4, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
     for bad in (10, -2):
         with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
