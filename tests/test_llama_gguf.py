@@ -4,15 +4,14 @@ import pytest
 import torch
 
 from conftest import make_hf_llama, tokens
+from helpers import families
 from helpers.checkpoint import (CheckpointError, embedded_path, load_model, permute_rope_rows, read_sidecar,
-                                save_checkpoint, state_to_hf)
+                                save_checkpoint, unpermute_rope_rows)
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 
-HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+GGUF_LAYER_NAMES = [gguf_name.removesuffix(".weight") for parts in families.LLAMA_LAYER.values() for _, gguf_name in parts]
 
 
 def random_kquant_bytes(rows, cols, qtype, rng):
@@ -56,16 +55,11 @@ def write_gguf(path, model, types=None, tokenizer=None):
         w.add_token_types(tokenizer["types"])
         w.add_token_merges(tokenizer["merges"])
     stored = {}
-    for name, t in state_to_hf(model).items():
+    for g, t in families.scatter(cfg, model.state_dict(), families.GGUF, "blk.{}.").items():
         arr = t.float().numpy()
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = cfg.n_head if "q_proj" in name else cfg.n_kv_head
+        if g.endswith(("attn_q.weight", "attn_k.weight")):  # llama.cpp's row order for RoPE
+            heads = cfg.n_head if "attn_q" in g else cfg.n_kv_head
             arr = permute_rope_rows(torch.from_numpy(arr), heads).numpy()
-        g = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}.get(name)
-        if g is None:
-            _, _, i, rest = name.split(".", 3)
-            g = f"blk.{i}.{HF_TO_GGUF[rest.removesuffix('.weight')]}.weight"
         qtype = (types or {}).get(g, Q.F32) if arr.ndim == 2 else Q.F32
         data = encode(np.ascontiguousarray(arr), qtype, rng)
         w.add_tensor(g, data, raw_dtype=qtype if qtype != Q.F32 else None)
@@ -94,7 +88,7 @@ def test_gguf_quantized_types_dequantize_exactly(tmp_path):
     make_hf_llama(tmp_path / "hf", hidden_size=256, intermediate_size=256, num_attention_heads=4,
                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=256)
     source = load_model(tmp_path / "hf")
-    kinds = ["token_embd.weight", "output.weight"] + [f"blk.{i}.{n}.weight" for i in range(2) for n in HF_TO_GGUF.values()]
+    kinds = ["token_embd.weight", "output.weight"] + [f"blk.{i}.{n}.weight" for i in range(2) for n in GGUF_LAYER_NAMES]
     cycle = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K, Q.F16, Q.BF16]
     types = {k: cycle[i % len(cycle)] for i, k in enumerate(kinds) if "norm" not in k}
     stored = write_gguf(tmp_path / "q.gguf", source, types)
@@ -108,7 +102,6 @@ def test_gguf_quantized_types_dequantize_exactly(tmp_path):
         for g in ("attn_q", "attn_k", "attn_v", "ffn_down"):
             data, qtype = stored[f"blk.{i}.{g}.weight"]
             expected[g] = torch.from_numpy(gguf.quants.dequantize(data, qtype).astype(np.float32))
-        from helpers.checkpoint import unpermute_rope_rows
         c_attn = sd[f"transformer.h.{i}.attn.c_attn.weight"]
         assert torch.equal(c_attn[:q], unpermute_rope_rows(expected["attn_q"], cfg.n_head))
         assert torch.equal(c_attn[q:q + kv], unpermute_rope_rows(expected["attn_k"], cfg.n_kv_head))
@@ -124,7 +117,7 @@ def test_gguf_q8_stays_close_to_float(tmp_path):
     make_hf_llama(tmp_path / "hf")
     source = load_model(tmp_path / "hf")
     write_gguf(tmp_path / "q8.gguf", source, types={k: Q.Q8_0 for k in ["token_embd.weight", "output.weight"] +
-                                                     [f"blk.{i}.{n}.weight" for i in range(3) for n in HF_TO_GGUF.values()]})
+                                                     [f"blk.{i}.{n}.weight" for i in range(3) for n in GGUF_LAYER_NAMES]})
     loaded = load_model(tmp_path / "q8.gguf")
     idx = tokens()
     with torch.no_grad():

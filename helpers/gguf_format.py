@@ -1,0 +1,97 @@
+"""GGUF files (llama.cpp's format): metadata -> GPTConfig, tensors dequantized to float32 and
+named through the tables in helpers.families."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from helpers import families
+from helpers.errors import CheckpointError
+from helpers.families import GGUF, assign_state
+from helpers.model import GPT, llama_config
+
+GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+LAYER_PREFIX = "blk.{}."
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's converter reorders Q and K rows of each head from Hugging Face's halves layout
+    to interleaved pairs; this undoes it."""
+    out_dim = w.shape[0]
+    return w.reshape(n_heads, out_dim // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Hugging Face's Q/K row layout -> llama.cpp's (used when writing test GGUF files)."""
+    out_dim = w.shape[0]
+    return w.reshape(n_heads, 2, out_dim // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: Path) -> GPT:
+    try:
+        import gguf
+        from gguf.quants import dequantize
+    except ImportError:
+        raise CheckpointError(f"{path}: reading GGUF files needs the gguf package: pip install gguf") from None
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:100]}); "
+                              "it may be truncated, download it again") from None
+    f = reader.fields
+    arch = f["general.architecture"].contents() if "general.architecture" in f else None
+    if arch != "llama":
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (llama is)")
+
+    def meta(key, default=None):
+        full = f"{arch}.{key}"
+        if full in f:
+            return f[full].contents()
+        if default is None:
+            raise CheckpointError(f"{path}: GGUF metadata lacks {full}")
+        return default
+
+    tensors = {t.name: t for t in reader.tensors}
+    n_vocab = len(f["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in f else None
+    n_head = meta("attention.head_count")
+    cfg = llama_config(
+        block_size=meta("context_length"), vocab_size=meta("vocab_size", n_vocab or 0) or n_vocab,
+        n_layer=meta("block_count"), n_head=n_head, n_embd=meta("embedding_length"),
+        n_kv_head=meta("attention.head_count_kv", n_head), intermediate_size=meta("feed_forward_length"),
+        norm_eps=meta("attention.layer_norm_rms_epsilon"), rope_base=meta("rope.freq_base", 10000.0),
+        tie_embeddings="output.weight" not in tensors)
+    if "rope_freqs.weight" in tensors:
+        raise CheckpointError(f"{path}: RoPE frequency scaling (Llama 3.1 style) is not supported")
+    if meta("rope.dimension_count", cfg.head_dim) != cfg.head_dim:
+        raise CheckpointError(f"{path}: partial rotary embeddings are not supported")
+
+    types = set()
+
+    def tensor(name):
+        t = tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{path}: GGUF tensor {name} is missing")
+        kind = t.tensor_type.name
+        if kind not in GGUF_TYPES:
+            raise CheckpointError(f"{path}: tensor {name} has type {kind}, not one of {sorted(GGUF_TYPES)}")
+        types.add(kind)
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot dequantize {name} ({type(e).__name__}); file corrupt?") from None
+        # GGUF lists dimensions innermost first; numpy's shape here is already PyTorch's (out, in).
+        arr = arr.reshape(tuple(reversed(t.shape.tolist())))
+        w = torch.from_numpy(arr.astype("float32", copy=not arr.flags.writeable))
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = unpermute_rope_rows(w, cfg.n_head if name.endswith("attn_q.weight") else cfg.n_kv_head)
+        return w
+
+    sd = families.gather(cfg, tensor, GGUF, LAYER_PREFIX)
+    model = GPT(cfg)
+    assign_state(model, sd, path)
+    quantized = sorted(types - {"F32", "F16", "BF16"})
+    model.provenance = {"source": str(path), "format": "gguf", "tokenizer": str(path),
+                        "gguf_types": sorted(types), "quantized": bool(quantized),
+                        "note": f"weights dequantized from a {'/'.join(quantized)} file" if quantized else ""}
+    return model

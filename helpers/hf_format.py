@@ -1,0 +1,146 @@
+"""Hugging Face folders: config.json <-> GPTConfig, weights <-> our state dict (through the
+tables in helpers.families), safetensors or pytorch_model.bin, sharded or not."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from helpers import families
+from helpers.errors import CheckpointError
+from helpers.families import GPT2_CONV1D, HF, assign_state
+from helpers.model import GPT, GPTConfig, llama_config
+
+LAYER_PREFIX = "model.layers.{}."
+
+
+def config_from_hf(hf: dict, where) -> GPTConfig:
+    mt = hf.get("model_type")
+    try:
+        if mt == "gpt2":
+            act = hf.get("activation_function", "gelu_new")
+            if act not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise CheckpointError(f"{where}: activation {act!r} is not GPT-2's tanh GELU")
+            return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                             n_head=hf["n_head"], n_embd=hf["n_embd"], intermediate_size=hf.get("n_inner"),
+                             norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True,
+                             tie_embeddings=hf.get("tie_word_embeddings", True))
+        if mt == "llama":
+            rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+            if rope.get("rope_type", rope.get("type", "default")) != "default":
+                raise CheckpointError(f"{where}: RoPE scaling {rope.get('rope_type')!r} is not supported")
+            if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
+                raise CheckpointError(f"{where}: Llama variants with biases or a non-SiLU MLP are not supported")
+            heads, dim = hf["num_attention_heads"], hf["hidden_size"]
+            if hf.get("head_dim", dim // heads) != dim // heads:
+                raise CheckpointError(f"{where}: head_dim {hf['head_dim']} != hidden_size / heads is not supported")
+            return llama_config(
+                block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
+                n_layer=hf["num_hidden_layers"], n_head=heads, n_embd=dim,
+                n_kv_head=hf.get("num_key_value_heads") or heads, intermediate_size=hf["intermediate_size"],
+                norm_eps=hf.get("rms_norm_eps", 1e-6), rope_base=rope.get("rope_theta", hf.get("rope_theta", 1e4)),
+                tie_embeddings=hf.get("tie_word_embeddings", False))
+    except KeyError as e:
+        raise CheckpointError(f"{where}: config.json lacks {e.args[0]!r}") from None
+    raise CheckpointError(f"{where}: model_type {mt!r} is not supported (gpt2 and llama are)")
+
+
+def hf_config(cfg: GPTConfig) -> dict:
+    """config.json for our config, in the family's own transformers class."""
+    if cfg.family == "gpt2":
+        if not cfg.bias:
+            raise CheckpointError("export_hf: GPT-2 without biases has no Hugging Face equivalent")
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_positions": cfg.block_size,
+                "n_ctx": cfg.block_size, "vocab_size": cfg.vocab_size, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+                "n_embd": cfg.n_embd, "n_inner": cfg.intermediate_size, "layer_norm_epsilon": cfg.norm_eps,
+                "activation_function": "gelu_new", "tie_word_embeddings": cfg.tie_embeddings,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "bos_token_id": 50256, "eos_token_id": 50256}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.n_embd,
+            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+            "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_base,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+            "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False, "head_dim": cfg.head_dim}
+
+
+def state_from_hf(sd: dict, cfg: GPTConfig, where) -> dict:
+    """Hugging Face state dict -> ours, through the family's table."""
+    if cfg.family == "gpt2":
+        out = {}
+        for k, v in sd.items():
+            k = k.removeprefix("transformer.")
+            if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight" and cfg.tie_embeddings:
+                continue  # causal-mask buffers; the tied head is the embedding
+            ours = k if k == "lm_head.weight" else "transformer." + k
+            out[ours] = v.t() if k.endswith(GPT2_CONV1D) else v
+        return out
+    used = set()
+
+    def get(name):
+        if name not in sd:
+            raise CheckpointError(f"{where}: missing weights ['{name}']")
+        used.add(name)
+        return sd[name]
+
+    out = families.gather(cfg, get, HF, LAYER_PREFIX)
+    unknown = sorted(k for k in sd if k not in used and not k.endswith("rotary_emb.inv_freq")
+                     and not (k == "lm_head.weight" and cfg.tie_embeddings))
+    if unknown:
+        raise CheckpointError(f"{where}: unexpected weights {unknown[:3]} (is this a {cfg.family} checkpoint?)")
+    return out
+
+
+def state_to_hf(model: GPT) -> dict:
+    cfg, sd = model.config, model.state_dict()
+    if cfg.family == "gpt2":
+        out = {k.removeprefix("transformer."): (v.t() if k.endswith(GPT2_CONV1D) else v)
+               for k, v in sd.items() if k != "lm_head.weight"}
+    else:
+        out = families.scatter(cfg, sd, HF, LAYER_PREFIX)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def read_weights(path: Path) -> dict:
+    """Every tensor of a Hugging Face folder: safetensors or pytorch_model.bin, sharded or not."""
+    from safetensors.torch import load_file
+
+    def load_one(f: Path):
+        try:
+            if f.suffix == ".safetensors":
+                return load_file(str(f))
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read weights ({type(e).__name__}: {str(e)[:120]}); the file "
+                                  "is truncated or corrupt, download it again") from None
+
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (path / index_name).is_file():
+            shards = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
+            sd = {}
+            for shard in shards:
+                if not (path / shard).is_file():
+                    raise CheckpointError(f"{path / shard}: shard named in {index_name} is missing")
+                sd.update(load_one(path / shard))
+            return sd
+        if (path / single).is_file():
+            return load_one(path / single)
+    raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin next to config.json")
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+
+
+def load_hf_folder(path: Path) -> GPT:
+    cfg = config_from_hf(read_config(path), path / "config.json")
+    model = GPT(cfg)
+    assign_state(model, state_from_hf(read_weights(path), cfg, path), path)
+    tok = "gpt2" if cfg.family == "gpt2" and not (path / "tokenizer.json").is_file() else str(path)
+    model.provenance = {"source": str(path), "format": "huggingface", "tokenizer": tok}
+    return model
