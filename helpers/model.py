@@ -113,6 +113,16 @@ class KVCache:
         self.pos = 0  # number of positions already stored
 
 
+def attention_mask(T: int, start: int, device) -> torch.Tensor | None:
+    """Which keys the T new queries at positions start.. may see, as a (T, start + T) boolean mask;
+    None where SDPA needs none: a chunk from position 0 (is_causal) or one token (sees all)."""
+    if start == 0 or T == 1:
+        return None
+    q_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(start + T, device=device)[None, :]  # (1, start + T)
+    return k_pos <= q_pos  # a chunk after a cached prefix: causal, offset by start
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -155,11 +165,9 @@ class CausalSelfAttention(nn.Module):
             cache.k[layer][:, :, start:start + T] = k
             cache.v[layer][:, :, start:start + T] = v
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
-        # A new chunk attends causally to itself; a single new token attends to everything cached.
-        # (generate() only ever prefills at position 0 or decodes one token at a time.)
-        is_causal = T > 1
+        mask = attention_mask(T, start, x.device)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)

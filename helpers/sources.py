@@ -79,10 +79,35 @@ def resolve(source) -> tuple[str, Path]:
         with open(path, "rb") as f:
             magic = f.read(4)
         return ("gguf" if magic == b"GGUF" else "torch"), path
-    if s in GPT2_HUB_IDS or (re.fullmatch(r"[\w.-]+/[\w.-]+", s) and not s.startswith((".", "/"))):
-        return "hf", _hub_download(s)
-    raise CheckpointError(f"{s}: no such file or folder; pass a checkpoint file, a Hugging Face folder, "
-                          f"a GGUF file, a hub id ({', '.join(sorted(GPT2_HUB_IDS))}) or 'smollm2-135m'")
+    hub_shaped = re.fullmatch(r"[\w.-]+/[\w.-]+", s) and not s.startswith((".", "~"))
+    if s in GPT2_HUB_IDS or hub_shaped and not looks_local(path):
+        try:
+            return "hf", _hub_download(s)
+        except CheckpointError as e:
+            if s in GPT2_HUB_IDS:
+                raise
+            # `runs/child` typed in the wrong folder looks like `org/name`: say both readings
+            raise CheckpointError(f"{s}: no such file or folder in {Path.cwd()}, and as a hub id: "
+                                  f"{str(e).split(': ', 1)[1]}") from None
+    raise CheckpointError(f"{s}: no such file or folder ({missing_part(path)}); pass a checkpoint file, a Hugging "
+                          f"Face folder, a GGUF file, a hub id ({', '.join(sorted(GPT2_HUB_IDS))}) or 'smollm2-135m'")
+
+
+MODEL_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".gguf", ".safetensors", ".json")
+
+
+def looks_local(path: Path) -> bool:
+    """A missing source that can only be a path: a file suffix, or its first folder exists here."""
+    return path.suffix in MODEL_SUFFIXES or len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+
+
+def missing_part(path: Path) -> str:
+    """Which part of a missing path is missing, relative to the deepest folder that exists."""
+    path = path if path.is_absolute() else Path.cwd() / path
+    parent = path.parent
+    while not parent.is_dir():
+        parent = parent.parent
+    return f"{parent} exists but has no {path.relative_to(parent).parts[0]}"
 
 
 def resolve_tokenizer_source(source) -> tuple[str, Path | None]:

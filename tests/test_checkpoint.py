@@ -114,6 +114,24 @@ def test_missing_path():
         load_model("/nonexistent/model.pt")
 
 
+def test_missing_relative_path_says_so_and_never_only_could_not_download(monkeypatch, tmp_path):
+    """Issue 10 item 2: `runs/child` typed in the wrong folder."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    # could be a path or an org/name hub id: both readings are named
+    with pytest.raises(CheckpointError, match=r"runs/child: no such file or folder in .*, and as a hub id: could not download"):
+        load_model("runs/child")
+    (tmp_path / "runs").mkdir()  # now it can only be a path: which part is missing
+    with pytest.raises(CheckpointError, match=r"runs/child: no such file or folder \(.*runs exists but has no child\)") as e:
+        load_model("runs/child")
+    assert "download" not in str(e.value)
+    for path_only in ("./runs/child", "child/last.pt", "~/no-such-folder-xyz/model"):
+        with pytest.raises(CheckpointError, match="no such file or folder") as e:
+            load_model(path_only)
+        assert "download" not in str(e.value)
+
+
 def test_not_a_checkpoint(tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("hello")

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from conftest import tokens
 from helpers.checkpoint import load_model
-from helpers.model import GPT, GPTConfig, llama_config
+from helpers.model import GPT, GPTConfig, KVCache, llama_config
 
 
 def test_gpt2_logits_equal_transformers(hf_gpt2):
@@ -35,6 +35,22 @@ def test_kv_cache_gives_identical_greedy_output():
         # 20 new tokens run past block_size=16, exercising the fallback to the cropped window
         assert torch.equal(m.generate(idx, 20, temperature=0, use_cache=True),
                            m.generate(idx, 20, temperature=0, use_cache=False))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_kv_cache_chunks_after_a_prefix_equal_one_full_forward(family):
+    """A multi-token chunk at position > 0 (issue 10 item 7): each of its tokens sees the cached
+    prefix and the chunk's earlier tokens, never later ones."""
+    kw = dict(n_layer=2, n_head=4, n_embd=32, vocab_size=50, block_size=32)
+    cfg = GPTConfig(**kw) if family == "gpt2" else llama_config(**kw, n_kv_head=2)
+    torch.manual_seed(0)
+    m = GPT(cfg).eval()
+    idx = tokens(n=2, t=20, vocab=50)
+    cache = KVCache(cfg, 2, "cpu", torch.float32)
+    with torch.no_grad():
+        full = m(idx)[0]
+        chunks = [m(idx[:, a:b], cache=cache)[0] for a, b in ((0, 5), (5, 6), (6, 13), (13, 20))]
+    assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)
 
 
 def test_sampling_top_k_and_top_p_restrict_the_choice():
