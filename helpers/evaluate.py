@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from helpers.checkpoint import load_model, read_sidecar, resolve
 from helpers.data import iter_sequential, open_split
-from helpers.model import GPT
+from helpers.model import GPT, attention_mask
 
 
 @torch.no_grad()
@@ -64,7 +64,8 @@ def attention_maps(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     model.eval()
     T = idx.size(1)
     x, rope = model.embed(idx)
-    mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    mask = attention_mask(T, 0, idx.device, model.config.sliding_window)  # a sliding window, if any
+    mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril() if mask is None else mask
     maps = []
     for block in model.transformer.h:
         attn = block.attn

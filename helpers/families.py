@@ -24,6 +24,11 @@ LLAMA_LAYER = {
     "mlp.c_fc.weight": [("mlp.gate_proj.weight", "ffn_gate.weight"), ("mlp.up_proj.weight", "ffn_up.weight")],
     "mlp.c_proj.weight": [("mlp.down_proj.weight", "ffn_down.weight")],
 }
+# Qwen2 adds biases to q, k and v; Qwen3 an RMSNorm over each head of q and k. Mistral is Llama's table.
+QWEN2_QKV_BIAS = {"attn.c_attn.bias": [("self_attn.q_proj.bias", "attn_q.bias"), ("self_attn.k_proj.bias", "attn_k.bias"),
+                                       ("self_attn.v_proj.bias", "attn_v.bias")]}
+QWEN3_QK_NORM = {"attn.q_norm.weight": [("self_attn.q_norm.weight", "attn_q_norm.weight")],
+                 "attn.k_norm.weight": [("self_attn.k_norm.weight", "attn_k_norm.weight")]}
 # Outside the blocks: ours -> (Hugging Face, GGUF)
 LLAMA_TOP = {"transformer.wte.weight": ("model.embed_tokens.weight", "token_embd.weight"),
              "transformer.ln_f.weight": ("model.norm.weight", "output_norm.weight"),
@@ -32,8 +37,13 @@ HF, GGUF = 0, 1  # column of each format in the tables
 
 
 def layer_table(cfg) -> dict[str, list[tuple[str, str]]]:
-    """The per-block table of a Llama-like config."""
-    return dict(LLAMA_LAYER)
+    """The per-block table of a Llama-like config (Llama, Mistral, Qwen2, Qwen3)."""
+    table = dict(LLAMA_LAYER)
+    if cfg.qkv_bias:
+        table.update(QWEN2_QKV_BIAS)
+    if cfg.qk_norm:
+        table.update(QWEN3_QK_NORM)
+    return table
 
 
 def top_table(cfg) -> dict[str, tuple[str, str]]:

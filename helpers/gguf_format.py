@@ -11,6 +11,7 @@ from helpers.errors import CheckpointError
 from helpers.families import GGUF, assign_state
 from helpers.model import GPT, llama_config
 
+GGUF_ARCHES = ("llama", "qwen2", "qwen3")  # llama.cpp writes Mistral as llama
 GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 LAYER_PREFIX = "blk.{}."
 
@@ -41,8 +42,8 @@ def load_gguf(path: Path) -> GPT:
                               "it may be truncated, download it again") from None
     f = reader.fields
     arch = f["general.architecture"].contents() if "general.architecture" in f else None
-    if arch != "llama":
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (llama is)")
+    if arch not in GGUF_ARCHES:
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(GGUF_ARCHES)} are)")
 
     def meta(key, default=None):
         full = f"{arch}.{key}"
@@ -54,10 +55,11 @@ def load_gguf(path: Path) -> GPT:
 
     tensors = {t.name: t for t in reader.tensors}
     n_vocab = len(f["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in f else None
-    n_head = meta("attention.head_count")
+    n_head, n_embd = meta("attention.head_count"), meta("embedding_length")
     cfg = llama_config(
-        block_size=meta("context_length"), vocab_size=meta("vocab_size", n_vocab or 0) or n_vocab,
-        n_layer=meta("block_count"), n_head=n_head, n_embd=meta("embedding_length"),
+        family=arch, qkv_bias="blk.0.attn_q.bias" in tensors, qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        head_dim=meta("attention.key_length", n_embd // n_head), block_size=meta("context_length"), vocab_size=meta("vocab_size", n_vocab or 0) or n_vocab,
+        n_layer=meta("block_count"), n_head=n_head, n_embd=n_embd,
         n_kv_head=meta("attention.head_count_kv", n_head), intermediate_size=meta("feed_forward_length"),
         norm_eps=meta("attention.layer_norm_rms_epsilon"), rope_base=meta("rope.freq_base", 10000.0),
         tie_embeddings="output.weight" not in tensors)
@@ -83,7 +85,7 @@ def load_gguf(path: Path) -> GPT:
         # GGUF lists dimensions innermost first; numpy's shape here is already PyTorch's (out, in).
         arr = arr.reshape(tuple(reversed(t.shape.tolist())))
         w = torch.from_numpy(arr.astype("float32", copy=not arr.flags.writeable))
-        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):  # only llama is permuted
             w = unpermute_rope_rows(w, cfg.n_head if name.endswith("attn_q.weight") else cfg.n_kv_head)
         return w
 

@@ -13,6 +13,9 @@ from helpers.families import GPT2_CONV1D, HF, assign_state
 from helpers.model import GPT, GPTConfig, llama_config
 
 LAYER_PREFIX = "model.layers.{}."
+LLAMA_LIKE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+              "qwen3": "Qwen3ForCausalLM"}  # model_type -> transformers class
+NATIVE = ("gpt2", *LLAMA_LIKE)
 
 
 def config_from_hf(hf: dict, where) -> GPTConfig:
@@ -26,24 +29,34 @@ def config_from_hf(hf: dict, where) -> GPTConfig:
                              n_head=hf["n_head"], n_embd=hf["n_embd"], intermediate_size=hf.get("n_inner"),
                              norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True,
                              tie_embeddings=hf.get("tie_word_embeddings", True))
-        if mt == "llama":
-            rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-            if rope.get("rope_type", rope.get("type", "default")) != "default":
-                raise CheckpointError(f"{where}: RoPE scaling {rope.get('rope_type')!r} is not supported")
-            if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
-                raise CheckpointError(f"{where}: Llama variants with biases or a non-SiLU MLP are not supported")
-            heads, dim = hf["num_attention_heads"], hf["hidden_size"]
-            if hf.get("head_dim", dim // heads) != dim // heads:
-                raise CheckpointError(f"{where}: head_dim {hf['head_dim']} != hidden_size / heads is not supported")
-            return llama_config(
-                block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
-                n_layer=hf["num_hidden_layers"], n_head=heads, n_embd=dim,
-                n_kv_head=hf.get("num_key_value_heads") or heads, intermediate_size=hf["intermediate_size"],
-                norm_eps=hf.get("rms_norm_eps", 1e-6), rope_base=rope.get("rope_theta", hf.get("rope_theta", 1e4)),
-                tie_embeddings=hf.get("tie_word_embeddings", False))
+        if mt in LLAMA_LIKE:
+            return llama_like_config(hf, mt, where)
     except KeyError as e:
         raise CheckpointError(f"{where}: config.json lacks {e.args[0]!r}") from None
-    raise CheckpointError(f"{where}: model_type {mt!r} is not supported (gpt2 and llama are)")
+    raise CheckpointError(f"{where}: model_type {mt!r} is not supported natively ({', '.join(NATIVE)} are)")
+
+
+def llama_like_config(hf: dict, mt: str, where) -> GPTConfig:
+    """Llama and the families that differ from it by one feature: Qwen2 (q, k, v biases), Qwen3
+    (per-head q/k RMSNorm), Mistral (sliding window)."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise CheckpointError(f"{where}: RoPE scaling {rope.get('rope_type')!r} is not supported")
+    if hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: {mt} variants with MLP biases or a non-SiLU MLP are not supported")
+    if mt != "qwen2" and hf.get("attention_bias"):
+        raise CheckpointError(f"{where}: {mt} with attention_bias=true is not supported")
+    if mt in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        raise CheckpointError(f"{where}: {mt} with use_sliding_window=true (a window in some layers only) is not "
+                              "supported; load it through the generic path or set use_sliding_window false")
+    heads, dim = hf["num_attention_heads"], hf["hidden_size"]
+    return llama_config(
+        family=mt, block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"], n_head=heads, n_embd=dim, head_dim=hf.get("head_dim") or dim // heads,
+        n_kv_head=hf.get("num_key_value_heads") or heads, intermediate_size=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_base=rope.get("rope_theta", hf.get("rope_theta", 1e4)),
+        tie_embeddings=hf.get("tie_word_embeddings", False), qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3",
+        sliding_window=hf.get("sliding_window") if mt == "mistral" else None)
 
 
 def hf_config(cfg: GPTConfig) -> dict:
@@ -56,13 +69,26 @@ def hf_config(cfg: GPTConfig) -> dict:
                 "n_embd": cfg.n_embd, "n_inner": cfg.intermediate_size, "layer_norm_epsilon": cfg.norm_eps,
                 "activation_function": "gelu_new", "tie_word_embeddings": cfg.tie_embeddings,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "bos_token_id": 50256, "eos_token_id": 50256}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.n_embd,
-            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
-            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
-            "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_base,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
-            "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
-            "attention_bias": False, "mlp_bias": False, "head_dim": cfg.head_dim}
+    fam = cfg.family
+    if (cfg.qkv_bias, cfg.qk_norm) != (fam == "qwen2", fam == "qwen3") or cfg.bias \
+            or cfg.sliding_window is not None and fam != "mistral":
+        raise CheckpointError(f"export_hf: a {fam} config with qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm}, "
+                              f"bias={cfg.bias}, sliding_window={cfg.sliding_window} has no Hugging Face equivalent")
+    hf = {"architectures": [LLAMA_LIKE[fam]], "model_type": fam, "hidden_size": cfg.n_embd,
+          "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
+          "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
+          "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_base,
+          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+          "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu"}
+    if fam in ("llama", "qwen3"):
+        hf["attention_bias"] = False
+    if fam == "llama":
+        hf["mlp_bias"] = False
+    if fam in ("qwen2", "qwen3"):
+        hf["use_sliding_window"] = False
+    if fam == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    return hf
 
 
 def state_from_hf(sd: dict, cfg: GPTConfig, where) -> dict:

@@ -1,10 +1,11 @@
-"""One decoder-only transformer that is exactly GPT-2 or exactly Llama, chosen by its config.
+"""One decoder-only transformer that is exactly GPT-2, Llama, Qwen2, Qwen3 or Mistral, chosen by its config.
 
 Reading order: config, norms and rotary positions, attention, MLP, block, the model.
 Module names follow nanoGPT / Hugging Face GPT-2 (`transformer.h.0.attn.c_attn`, ...) so
 that GPT-2 and nanoGPT weights load by name. The Llama variant keeps those names: q, k and v
 are stored as one matrix in `c_attn`, gate and up as one in `mlp.c_fc` (computed as matmuls on
-their row blocks), and `helpers.checkpoint` holds the explicit key maps to and from Hugging Face.
+their row blocks), and `helpers.families` holds the explicit key maps to and from Hugging Face and
+GGUF. Qwen2 adds biases to q, k and v; Qwen3 a per-head RMSNorm on q and k; Mistral a sliding window.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helpers.head_loss import Workspace, linear_cross_entropy
+
+
+FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
 
 
 @dataclass
@@ -35,31 +39,36 @@ class GPTConfig:
     rope_base: float = 10000.0
     mlp: str = "gelu"  # "gelu" (tanh approximation, GPT-2) or "swiglu" (Llama)
     tie_embeddings: bool = True  # output head shares the token embedding matrix
+    # families beyond GPT-2 and Llama
+    family: str | None = None  # "gpt2", "llama", "qwen2", "qwen3", "mistral"; None: from pos
+    head_dim: int | None = None  # None: n_embd // n_head (Qwen3 uses wider heads)
+    qkv_bias: bool = False  # biases on the q, k, v projections only (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE (Qwen3)
+    sliding_window: int | None = None  # each token sees itself and the window - 1 before it (Mistral)
 
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.n_embd
+        if self.head_dim is None:
+            self.head_dim = self.n_embd // self.n_head
+        if self.family is None:
+            self.family = "llama" if self.pos == "rope" else "gpt2"
         checks = [
             (self.norm in ("layernorm", "rmsnorm"), f"norm={self.norm!r}: use 'layernorm' or 'rmsnorm'"),
             (self.pos in ("learned", "rope"), f"pos={self.pos!r}: use 'learned' or 'rope'"),
             (self.mlp in ("gelu", "swiglu"), f"mlp={self.mlp!r}: use 'gelu' or 'swiglu'"),
             (self.n_layer >= 1 and self.n_head >= 1, "n_layer and n_head must be at least 1"),
-            (self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}"),
+            (self.n_embd % self.n_head == 0 or self.head_dim != self.n_embd // self.n_head,
+             f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}"),
+            (self.family in FAMILIES, f"family={self.family!r}: use one of {FAMILIES}"),
+            (self.sliding_window is None or self.sliding_window >= 1, "sliding_window must be at least 1"),
             (self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"GPTConfig: {message}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def family(self) -> str:
-        return "llama" if self.pos == "rope" else "gpt2"
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -113,14 +122,16 @@ class KVCache:
         self.pos = 0  # number of positions already stored
 
 
-def attention_mask(T: int, start: int, device) -> torch.Tensor | None:
-    """Which keys the T new queries at positions start.. may see, as a (T, start + T) boolean mask;
+def attention_mask(T: int, start: int, device, window: int | None = None) -> torch.Tensor | None:
+    """Which keys the T new queries at positions start.. may see, as a (T, start + T) boolean mask:
+    causal (offset by a cached prefix) and, with a sliding window, only the last `window` positions.
     None where SDPA needs none: a chunk from position 0 (is_causal) or one token (sees all)."""
-    if start == 0 or T == 1:
+    if (start == 0 or T == 1) and (window is None or start + T <= window):
         return None
     q_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(start + T, device=device)[None, :]  # (1, start + T)
-    return k_pos <= q_pos  # a chunk after a cached prefix: causal, offset by start
+    mask = k_pos <= q_pos
+    return mask if window is None else mask & (k_pos > q_pos - window)
 
 
 class CausalSelfAttention(nn.Module):
@@ -128,8 +139,12 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
-        self.c_attn = nn.Linear(cfg.n_embd, qkv_out, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_attn = nn.Linear(cfg.n_embd, qkv_out, bias=cfg.bias or cfg.qkv_bias)
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.qk_norm, self.window = cfg.qk_norm, cfg.sliding_window
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.dropout = cfg.dropout
 
@@ -152,25 +167,27 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope[0][start:start + T], rope[1][start:start + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
     def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0):
-        B, T, C = x.shape
+        B, T, _ = x.shape
         start = cache.pos if cache is not None else 0
         q, k, v = self.heads(x, rope, start)
         if cache is not None:
             cache.k[layer][:, :, start:start + T] = k
             cache.v[layer][:, :, start:start + T] = v
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
-        mask = attention_mask(T, start, x.device)
+        mask = attention_mask(T, start, x.device, self.window)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)  # (B, T, nh * hd)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -296,10 +313,10 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6 per weight used in a matmul, plus
-        attention scores and values, 12 * n_layer * n_embd * seq_len (PaLM appendix B)."""
+        attention scores and values, 12 * n_layer * n_head * head_dim * seq_len (PaLM appendix B)."""
         cfg, T = self.config, seq_len or self.config.block_size
         matmul_params = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.n_embd  # head
-        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * T
+        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
     # ---- sampling -------------------------------------------------------------------------
     @torch.no_grad()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import unicodedata
 from pathlib import Path
 
 import tiktoken
@@ -40,15 +41,21 @@ def gpt2_encoding() -> tiktoken.Encoding:
 
 
 class ModelEncoding(tiktoken.Encoding):
-    """A tiktoken Encoding for a model whose vocabulary lacks some single bytes.
+    """A tiktoken Encoding for a model whose vocabulary lacks some single bytes, or whose text is
+    Unicode-normalized first (Qwen's tokenizer.json: NFC).
 
     tiktoken needs a rank for every byte; bytes the model has no token for get ranks past its
     vocabulary, and every encode drops them again, as Hugging Face's BPE does (it has no unknown
     token for them). `n_vocab` is the model's vocabulary size."""
 
-    def __init__(self, *, model_vocab: int, **kw):
+    def __init__(self, *, model_vocab: int, normalize: str | None = None, **kw):
         super().__init__(**kw)
-        self.model_vocab = model_vocab
+        self.model_vocab, self.normalize = model_vocab, normalize
+
+    def _text(self, text):
+        if self.normalize is None:
+            return text
+        return unicodedata.normalize(self.normalize, text) if isinstance(text, str) else [self._text(t) for t in text]
 
     @property
     def n_vocab(self) -> int:
@@ -58,16 +65,19 @@ class ModelEncoding(tiktoken.Encoding):
         return ids if not ids or max(ids) < self.model_vocab else [i for i in ids if i < self.model_vocab]
 
     def encode_ordinary(self, text):
-        return self._keep(super().encode_ordinary(text))
+        return self._keep(super().encode_ordinary(self._text(text)))
 
     def encode(self, text, **kw):
-        return self._keep(super().encode(text, **kw))
+        return self._keep(super().encode(self._text(text), **kw))
+
+    def encode_to_numpy(self, text, **kw):  # ids past model_vocab are dropped by data.encode_ids
+        return super().encode_to_numpy(self._text(text), **kw)
 
     def encode_ordinary_batch(self, text, **kw):
-        return [self._keep(ids) for ids in super().encode_ordinary_batch(text, **kw)]
+        return [self._keep(ids) for ids in super().encode_ordinary_batch(self._text(text), **kw)]
 
     def encode_batch(self, text, **kw):
-        return [self._keep(ids) for ids in super().encode_batch(text, **kw)]
+        return [self._keep(ids) for ids in super().encode_batch(self._text(text), **kw)]
 
 
 def copy_encoding(enc: tiktoken.Encoding) -> tiktoken.Encoding:
@@ -76,7 +86,9 @@ def copy_encoding(enc: tiktoken.Encoding) -> tiktoken.Encoding:
     with a copy per thread)."""
     kw = dict(name=enc.name, pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks,
               special_tokens=enc._special_tokens)
-    return ModelEncoding(model_vocab=enc.model_vocab, **kw) if isinstance(enc, ModelEncoding) else tiktoken.Encoding(**kw)
+    if isinstance(enc, ModelEncoding):
+        return ModelEncoding(model_vocab=enc.model_vocab, normalize=enc.normalize, **kw)
+    return tiktoken.Encoding(**kw)
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -91,7 +103,7 @@ def _byte_decoder() -> dict[str, int]:
 
 
 def _byte_level_encoding(name: str, tokens: list[str], merges: list[str], special: dict[str, int],
-                         pattern: str, where: str) -> tiktoken.Encoding:
+                         pattern: str, where: str, normalize: str | None = None) -> tiktoken.Encoding:
     decode = _byte_decoder()
     ranks: dict[bytes, int] = {}
     for i, tok in enumerate(tokens):
@@ -116,7 +128,9 @@ def _byte_level_encoding(name: str, tokens: list[str], merges: list[str], specia
     for k, b in enumerate(missing):
         ranks[bytes([b])] = vocab + k
     kw = dict(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
-    return ModelEncoding(model_vocab=vocab, **kw) if missing else tiktoken.Encoding(**kw)
+    if missing or normalize:
+        return ModelEncoding(model_vocab=vocab, normalize=normalize, **kw)
+    return tiktoken.Encoding(**kw)
 
 
 def encoding_from_gguf(path) -> tiktoken.Encoding:
@@ -165,8 +179,10 @@ def encoding_from_tokenizer_json(path) -> tiktoken.Encoding:
         model = spec["model"]
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: not a readable tokenizer.json ({e})") from None
-    if model.get("type") != "BPE" or spec.get("normalizer") is not None:
-        raise CheckpointError(f"{path}: only byte-level BPE tokenizers without a normalizer are supported")
+    normalizer = spec.get("normalizer")
+    if model.get("type") != "BPE" or normalizer not in (None, {"type": "NFC"}):
+        raise CheckpointError(f"{path}: only byte-level BPE tokenizers without a normalizer or with NFC (Qwen's) "
+                              "are supported")
     vocab = model["vocab"]
     tokens = [None] * (max(vocab.values()) + 1)
     for tok, i in vocab.items():
@@ -179,7 +195,8 @@ def encoding_from_tokenizer_json(path) -> tiktoken.Encoding:
     if any(t is None for t in tokens):
         raise CheckpointError(f"{path}: vocabulary ids are not contiguous")
     pattern = _pattern_from_pre_tokenizer(spec.get("pre_tokenizer"), str(path))
-    return _byte_level_encoding(f"hf:{path.parent.name}", tokens, model["merges"], special, pattern, str(path))
+    return _byte_level_encoding(f"hf:{path.parent.name}", tokens, model["merges"], special, pattern, str(path),
+                                normalize="NFC" if normalizer else None)
 
 
 def get_encoding(source: str | Path | None = None) -> tiktoken.Encoding:

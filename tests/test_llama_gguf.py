@@ -35,9 +35,11 @@ def encode(arr, qtype, rng):
 
 
 def write_gguf(path, model, types=None, tokenizer=None):
-    """Write `model` (ours, Llama family) as llama.cpp would: GGUF names, permuted Q/K rows."""
+    """Write `model` (ours: Llama, Qwen2 or Qwen3) as llama.cpp would: GGUF names, Q/K rows
+    permuted for llama."""
     cfg, rng = model.config, np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), cfg.family)
+    w.add_key_length(cfg.head_dim)
     w.add_block_count(cfg.n_layer)
     w.add_context_length(cfg.block_size)
     w.add_embedding_length(cfg.n_embd)
@@ -57,7 +59,7 @@ def write_gguf(path, model, types=None, tokenizer=None):
     stored = {}
     for g, t in families.scatter(cfg, model.state_dict(), families.GGUF, "blk.{}.").items():
         arr = t.float().numpy()
-        if g.endswith(("attn_q.weight", "attn_k.weight")):  # llama.cpp's row order for RoPE
+        if cfg.family == "llama" and g.endswith(("attn_q.weight", "attn_k.weight")):  # llama.cpp's RoPE row order
             heads = cfg.n_head if "attn_q" in g else cfg.n_kv_head
             arr = permute_rope_rows(torch.from_numpy(arr), heads).numpy()
         qtype = (types or {}).get(g, Q.F32) if arr.ndim == 2 else Q.F32

@@ -3,7 +3,7 @@ import sysconfig
 
 import pytest
 
-from helpers.tokenizer import encoding_from_tokenizer_json, end_of_text, get_encoding
+from helpers.tokenizer import copy_encoding, encoding_from_tokenizer_json, end_of_text, get_encoding
 
 MULTILINGUAL = [
     "The quick brown fox jumps over the lazy dog. It's 3.14159 o'clock; we'll see.",
@@ -146,3 +146,32 @@ def test_copy_encoding_encodes_like_the_original_for_plain_and_model_encodings(t
         copy = copy_encoding(enc)
         assert copy is not enc and type(copy) is type(enc) and copy.n_vocab == enc.n_vocab
         assert encode_ids(copy, text).tolist() == encode_ids(enc, text).tolist() == enc.encode_ordinary(text)
+
+
+# Qwen2/2.5/3's split pattern, as their tokenizer.json declares it (Split, then ByteLevel without regex; NFC first)
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+DECOMPOSED = "Cafe\u0301 cre\u0300me bru\u0302le\u0301e, A\u030angstro\u0308m, ﬁ ligature, Ⅻ 2\u00b3 ½"
+
+
+def test_qwen_tokenizer_json_equals_transformers(tmp_path):
+    """Qwen's pre-tokenizer (Split with its own regex, byte-level without regex, NFC) on code,
+    Unicode (decomposed accents that NFC composes) and digits, through get_encoding(folder)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2500, special_tokens=["<|endoftext|>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(corpus(60), trainer)
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    enc = get_encoding(tmp_path)
+    texts = corpus(150) + [DECOMPOSED, "0123456789 12345678901234567890 3.14e-10 x1y22z333", "I'LL've 'S"]
+    assert [enc.encode_ordinary(t) for t in texts] == hf_ids(tmp_path / "tokenizer.json", texts)
+    assert enc.encode_to_numpy(DECOMPOSED).tolist() == enc.encode_ordinary(DECOMPOSED)  # the data-prep path
+    assert copy_encoding(enc).encode_ordinary(DECOMPOSED) == enc.encode_ordinary(DECOMPOSED)
+    assert end_of_text(enc) == 0
