@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
+import typing
 from pathlib import Path
 
+from helpers.config import coerce
 from helpers.errors import ConfigError, HelpersError
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -79,20 +82,8 @@ def settings(preset: str, overrides: dict) -> dict:
     if unknown:
         raise ConfigError(f"unknown pipeline settings {unknown}; valid: {', '.join(sorted(s))}")
     for k, v in overrides.items():
-        s[k] = _parse_value(v) if isinstance(v, str) else v
+        s[k] = coerce(k, typing.Any, v)  # the one key=value parser: None, an int, a float or the text
     return s
-
-
-def _parse_value(v: str):
-    """Command-line text -> None, int, float or the text itself."""
-    if v.lower() in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(v)
-        except ValueError:
-            pass
-    return v
 
 
 def run(preset: str = "demo", out: str | Path | None = None, overrides: dict | None = None,
@@ -156,8 +147,20 @@ def summarize(run_dir: Path, preset: str, s: dict, elapsed: float, images: Path)
     summary = {"preset": preset, "settings": s, "elapsed_s": round(elapsed, 1), "machine": machine(),
                "date": time.strftime("%Y-%m-%d"), "results": results.to_dict(orient="records"),
                "images": sorted(str(p) for p in images.glob("*.png"))}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (run_dir / "summary.json").write_text(json.dumps(finite_or_null(summary), indent=1, default=str, allow_nan=False))
     return summary
+
+
+def finite_or_null(value):
+    """`value` with every NaN or infinite float replaced by None: JSON has no NaN, and most readers
+    refuse the bare `NaN` Python writes (pandas gives NaN for a run without a token count)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 def machine() -> str:
