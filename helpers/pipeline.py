@@ -52,6 +52,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Settings of every preset: how notebook 03 trains (in its kernel, or launched with torchrun on
+# nproc_per_node processes, None: one per GPU, sharing the model as parallel=ddp|fsdp).
+COMMON = dict(launch_ddp=False, nproc_per_node=None, parallel="ddp")
+
+
 class NotebookFailed(HelpersError):
     pass
 
@@ -74,7 +79,7 @@ def run_notebook(name: str, run_dir: Path, params: dict, tag: str | None = None)
 def settings(preset: str, overrides: dict) -> dict:
     if preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    s = {k: v for k, v in PRESETS[preset].items() if k != "gpu"}
+    s = {**COMMON, **{k: v for k, v in PRESETS[preset].items() if k != "gpu"}}
     import torch
     if torch.cuda.is_available():
         s.update(PRESETS[preset].get("gpu", {}))
@@ -82,7 +87,8 @@ def settings(preset: str, overrides: dict) -> dict:
     if unknown:
         raise ConfigError(f"unknown pipeline settings {unknown}; valid: {', '.join(sorted(s))}")
     for k, v in overrides.items():
-        s[k] = coerce(k, typing.Any, v)  # the one key=value parser: None, an int, a float or the text
+        # the one key=value parser: true/false where the setting is a switch, else None, an int, a float or the text
+        s[k] = coerce(k, bool if isinstance(s[k], bool) else typing.Any, v)
     return s
 
 
@@ -101,7 +107,8 @@ def run(preset: str = "demo", out: str | Path | None = None, overrides: dict | N
     train_common = dict(data_dir=str(data_dir), max_iters=s["max_iters"], batch_size=s["batch_size"],
                         block_size=s["block_size"], grad_accum=s["grad_accum"], learning_rate=s["learning_rate"],
                         min_lr=s["min_lr"], warmup_iters=s["warmup_iters"], eval_interval=s["eval_interval"],
-                        eval_iters=s["eval_iters"], log_interval=5)
+                        eval_iters=s["eval_iters"], log_interval=5, parallel=s["parallel"],
+                        launch_ddp=s["launch_ddp"], nproc_per_node=s["nproc_per_node"])
     parent = s["parent"]
     if parent == "pretrain":  # Algorithm 2: pre-train the parent here, from scratch
         from helpers.checkpoint import save_checkpoint
