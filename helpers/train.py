@@ -267,7 +267,7 @@ def train(cfg: TrainConfig) -> dict:
     model.to(device)
     model.train()
     optimizer = configure_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = make_scaler(device, dtype, sharded)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     sampler = torch.Generator().manual_seed(cfg.seed)
     step, tokens_seen, best_val, elapsed_before = 0, 0, float("inf"), 0.0
@@ -386,6 +386,15 @@ def shard_model(model: GPT, device: torch.device) -> None:
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def make_scaler(device: torch.device, dtype: torch.dtype, sharded: bool):
+    """The loss scaler float16 needs (a no-op otherwise). Sharded, an overflow in any process's
+    gradient shard must make every process skip the step: ShardedGradScaler agrees on it."""
+    if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        return ShardedGradScaler(device.type, enabled=dtype == torch.float16)
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def gradient_sync(model, parallel: str | None, last_micro: bool):

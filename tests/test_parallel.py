@@ -78,9 +78,10 @@ def test_fsdp_equals_one_process_and_resumes_bit_identically(inputs, tmp_path):
 
 def test_optimizer_state_moves_between_plain_and_sharded(tmp_path):
     """AdamW state saved by one process (parameters by index) restores into an FSDP model, and state
-    gathered from an FSDP model (by name) restores into a plain one: the same moments either way."""
+    gathered from an FSDP model (by name) restores into a plain one: the same moments either way.
+    (A one-process group in this process: FSDP2 code paths without the cost of launching.)"""
     import torch.distributed as dist
-    from helpers.train import configure_optimizer, gather_full_state, load_optimizer_state, shard_model
+    from helpers.train import configure_optimizer, gather_full_state, load_optimizer_state, make_scaler, shard_model
     cfg = TrainConfig(data_dir="unused", out_dir=str(tmp_path))
     torch.manual_seed(0)
     gpt = GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=100, block_size=16)
@@ -98,6 +99,15 @@ def test_optimizer_state_moves_between_plain_and_sharded(tmp_path):
         opt2 = configure_optimizer(sharded, cfg, torch.device("cpu"))
         load_optimizer_state(opt2, sharded, saved, sharded=True)
         _, by_name = gather_full_state(sharded, opt2)
+        # float16 (T4): an overflow skips the step in every process and halves the loss scale
+        scaler = make_scaler(torch.device("cpu"), torch.float16, sharded=True)
+        before = [p.detach().full_tensor().clone() for p in sharded.parameters()]
+        scaler.scale(sharded(torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8)))[1] * float("inf")).backward()
+        scaler.step(opt2)
+        scaler.update()
+        assert scaler.get_scale() == 2.0 ** 15
+        assert all(torch.equal(a, p.detach().full_tensor()) for a, p in zip(before, sharded.parameters()))
+        opt2.zero_grad()
     finally:
         dist.destroy_process_group()
     flat = [p for g in opt.param_groups for p in g["params"]]  # index i of the plain state
