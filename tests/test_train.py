@@ -240,6 +240,9 @@ def test_kaggle_default_paths(monkeypatch):
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
     cfg = TrainConfig()
     assert cfg.out_dir.startswith("/kaggle/working/") and cfg.data_dir.startswith("/kaggle/working/data/")
+    monkeypatch.setenv("INHERITUNE_KAGGLE_WORKING", "/tmp/stand in")  # what the offline Kaggle tests use
+    assert TrainConfig().out_dir == "/tmp/stand in/runs/train"
+    monkeypatch.delenv("INHERITUNE_KAGGLE_WORKING")
     monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE")
     assert TrainConfig().out_dir == "./runs/train"
 
