@@ -5,7 +5,9 @@ parameters, the command line's key=value pairs (`python -m helpers.train`) and t
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +16,11 @@ from helpers.errors import ConfigError
 
 
 def default_root() -> str:
-    """Where outputs go by default: /kaggle/working on Kaggle, the current folder elsewhere."""
-    return "/kaggle/working" if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") else "."
+    """Where outputs go by default: Kaggle's working folder on Kaggle (/kaggle/working, or
+    $INHERITUNE_KAGGLE_WORKING where a test stands in for it), the current folder elsewhere."""
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+        return os.environ.get("INHERITUNE_KAGGLE_WORKING", "/kaggle/working")
+    return "."
 
 
 @dataclass
@@ -48,6 +53,8 @@ class TrainConfig:
     compile: bool = False
     seed: int = 1337
     progress: bool = True
+    # multi-process training (torchrun): how the processes share the model
+    parallel: str = "ddp"  # ddp: a full copy per process | fsdp: weights, gradients and AdamW state sharded (FSDP2)
 
     def __post_init__(self):
         self.auto_data = self.data_dir is None  # only then may training prepare the data itself
@@ -59,6 +66,16 @@ class TrainConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    def to_args(self) -> list[str]:
+        """Every field as one `key=value` argument that `parse_cli` reads back to an equal config
+        (the launch line of `torchrun -m helpers.train`). The default data folder is passed as
+        None, so the launched processes may prepare it as this config would."""
+        args = []
+        for f in dataclasses.fields(self):
+            value = None if f.name == "data_dir" and self.auto_data else getattr(self, f.name)
+            args.append(f"{f.name}={to_text(value)}")
+        return args
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -84,17 +101,54 @@ class TrainConfig:
                 raise ConfigError(f"{name}={v} must be at least 1 (or None)")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout={self.dropout} must lie in [0, 1)")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"parallel={self.parallel!r}: use ddp (a full copy per process) or fsdp (sharded)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
             raise ConfigError(f"learning rates: need 0 <= min_lr ({self.min_lr}) <= learning_rate ({self.learning_rate})")
 
 
+def to_text(value) -> str:
+    """The text `coerce` turns back into `value` for a field of its type: None, true/false, the
+    shortest exact float, lists as JSON, and text as itself unless it would read as something else."""
+    if value is None:
+        return "None"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str) and not _needs_quotes(value):
+        return value
+    return json.dumps(value)
+
+
+def _needs_quotes(text: str) -> bool:
+    return text.strip().lower() in ("none", "null", "") or (len(text) >= 2 and text[0] == text[-1] == '"')
+
+
 def coerce(name: str, typ, value):
-    """`value` as the field's type; strings are parsed ("none" -> None, "true"/"false" -> bool)."""
-    args = typing.get_args(typ)
+    """`value` as the field's type; strings are parsed ("none" -> None, "true"/"false" -> bool,
+    "[1, 2]" or "1,2" -> a list, '"none"' -> the text none). typ=typing.Any (untyped settings,
+    such as the pipeline's) reads text as None, an int, a float, or else the text itself."""
+    if typ is typing.Any:
+        if isinstance(value, str):
+            for kind in (int, float):
+                try:
+                    return coerce(name, kind | None, value)
+                except ConfigError:
+                    pass
+        return value
+    args = typing.get_args(typ) if typing.get_origin(typ) in (typing.Union, types.UnionType) else ()
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), typ) if args else typ
+    if base is str and isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value)  # quoted text is taken literally: '"none"' is the text none
+        except ValueError:
+            pass
+    if typing.get_origin(base) is list:
+        return _coerce_list(name, base, value, optional)
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
         if optional:
             return None
@@ -116,6 +170,8 @@ def coerce(name: str, typ, value):
                     raise ValueError
                 return int(value)
             if isinstance(value, str):
+                if value.strip().lstrip("+-").isdigit():
+                    return int(value)  # exact, however large
                 f = float(value)  # accepts "1e6"
                 if not f.is_integer():
                     raise ValueError
@@ -130,6 +186,26 @@ def coerce(name: str, typ, value):
     except (TypeError, ValueError):
         pass
     raise ConfigError(f"{name}={value!r} is not a valid {base.__name__}{' or None' if optional else ''}")
+
+
+def _coerce_list(name: str, typ, value, optional: bool):
+    """A list field from a list, from JSON text ("[0, 1, 5]") or from comma-separated text ("0,1,5")."""
+    (item,) = typing.get_args(typ) or (str,)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ConfigError(f"{name}: None is not allowed; give a list such as [0, 1]")
+    literal = True  # a list or JSON: its strings are text as they stand
+    if isinstance(value, str):
+        text, literal = value.strip(), value.strip().startswith("[")
+        try:
+            value = json.loads(text) if literal else [v.strip() for v in text.split(",")]
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not a list; write it as [0, 1, 5] or 0,1,5") from None
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name}={value!r} is not a list; write it as [0, 1, 5] or 0,1,5")
+    return [v if literal and item is str and isinstance(v, str) else coerce(f"{name}[{i}]", item, v)
+            for i, v in enumerate(value)]
 
 
 def parse_cli(argv: list[str]) -> TrainConfig:

@@ -3,7 +3,9 @@
 Streaming and bounded in memory (one batch of documents at a time), tokenized on several threads
 (tiktoken releases the GIL), written incrementally under temporary names and renamed only when
 complete. The split is by document, from a hash of (seed, document name): deterministic, and the
-same whatever the order or parallelism.
+same whatever the order or parallelism. A source too small for that (one text file, a .jsonl of one
+record: every document on one side) is split by position instead: the last val_fraction of its
+tokens is the validation split; meta.json's "split" says which was done.
 
 Sources (`source=`):
 - "stdlib" — the embedded default: the Python standard library's own `.py` files of the running
@@ -267,7 +269,7 @@ def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", tokeniz
     params = dict(source=str(source), tokenizer=str(tokenizer), val_fraction=val_fraction, seed=seed,
                   max_tokens=max_tokens, max_docs=max_docs, text_field=text_field, strict=strict)
     meta_path = out / "meta.json"
-    existing = read_meta(out) if meta_path.is_file() else None
+    existing = read_meta(out) if meta_path.is_file() and not overwrite else None  # overwrite: even a damaged one
     if existing is not None and not overwrite:
         if existing.get("params") == params and _outputs_intact(out, existing):
             return existing
@@ -367,19 +369,22 @@ def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", tokeniz
         h.flush()
         os.fsync(h.fileno())
         h.close()
-    if total == 0 or splits["train"]["tokens"] == 0:
+    if total == 0:
         for p in tmp.values():
             p.unlink(missing_ok=True)
         raise DataError(f"{source}: produced {splits['train']['tokens']} training tokens "
                         f"({stats.skipped_count} documents skipped); the source holds no usable text")
-    if splits["val"]["documents"] == 0:
-        for p in tmp.values():
-            p.unlink(missing_ok=True)
-        raise DataError(f"{source}: no document fell into the validation split; raise val_fraction "
-                        f"(now {val_fraction}) or add documents")
+    split = {"method": "hash", "seed": seed}
+    if splits["val"]["documents"] == 0 or splits["train"]["documents"] == 0:
+        try:
+            split = _split_by_position(tmp, splits, hashes, dtype, val_fraction)
+        except BaseException:
+            for p in tmp.values():
+                p.unlink(missing_ok=True)
+            raise
     meta = dict(version=META_VERSION, params=params, source=str(source),
                 tokenizer=dict(spec=str(tokenizer), name=enc.name, n_vocab=enc.n_vocab, eot=eot),
-                dtype=np.dtype(dtype).name, splits=splits,
+                dtype=np.dtype(dtype).name, splits=splits, split=split,
                 sha256={s: hashes[s].hexdigest() for s in splits},
                 skipped=dict(count=stats.skipped_count, examples=stats.skipped),
                 replaced_chars=stats.replaced_chars, docs_with_replacements=stats.docs_with_replacements,
@@ -389,6 +394,31 @@ def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", tokeniz
         os.replace(tmp[s], out / f"{s}.bin")
     atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))  # last: marks completion
     return meta
+
+
+def _split_by_position(tmp: dict, splits: dict, hashes: dict, dtype, val_fraction: float) -> dict:
+    """Every document fell on one side of the hash split (too few of them): make the last
+    val_fraction of the tokens, in order, the validation split instead. Rewrites the temporary
+    files, counts and hashes in place; returns meta.json's description of the split."""
+    whole = "train" if splits["train"]["documents"] else "val"
+    data = np.fromfile(tmp[whole], dtype=dtype)
+    n_val = max(1, round(len(data) * val_fraction))
+    if len(data) - n_val < 1:
+        raise DataError(f"{len(data)} tokens are too few to split into train and val; add text")
+    cut = len(data) - n_val
+    for name, part in (("train", data[:cut]), ("val", data[cut:])):
+        with open(tmp[name], "wb") as f:
+            f.write(part.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        hashes[name] = hashlib.sha256(part.tobytes())
+        splits[name]["tokens"] = int(part.size)
+    documents, characters = (sum(splits[s][k] for s in splits) for k in ("documents", "characters"))
+    splits["train"].update(documents=documents, characters=characters)  # the val tokens are the end of the last ones
+    splits["val"].update(documents=0, characters=0)
+    return {"method": "position", "val_from_token": cut,
+            "why": f"all {documents} document(s) fell on one side of the hash split; the last "
+                   f"{val_fraction} of the tokens are the validation split"}
 
 
 def encode_ids(enc, text: str) -> np.ndarray:

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
+import typing
 from pathlib import Path
 
+from helpers.config import coerce
 from helpers.errors import ConfigError, HelpersError
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -49,6 +52,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Settings of every preset: how notebook 03 trains (in its kernel, or launched with torchrun on
+# nproc_per_node processes, None: one per GPU, sharing the model as parallel=ddp|fsdp).
+COMMON = dict(launch_ddp=False, nproc_per_node=None, parallel="ddp")
+
+
 class NotebookFailed(HelpersError):
     pass
 
@@ -71,7 +79,7 @@ def run_notebook(name: str, run_dir: Path, params: dict, tag: str | None = None)
 def settings(preset: str, overrides: dict) -> dict:
     if preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    s = {k: v for k, v in PRESETS[preset].items() if k != "gpu"}
+    s = {**COMMON, **{k: v for k, v in PRESETS[preset].items() if k != "gpu"}}
     import torch
     if torch.cuda.is_available():
         s.update(PRESETS[preset].get("gpu", {}))
@@ -79,20 +87,9 @@ def settings(preset: str, overrides: dict) -> dict:
     if unknown:
         raise ConfigError(f"unknown pipeline settings {unknown}; valid: {', '.join(sorted(s))}")
     for k, v in overrides.items():
-        s[k] = _parse_value(v) if isinstance(v, str) else v
+        # the one key=value parser: true/false where the setting is a switch, else None, an int, a float or the text
+        s[k] = coerce(k, bool if isinstance(s[k], bool) else typing.Any, v)
     return s
-
-
-def _parse_value(v: str):
-    """Command-line text -> None, int, float or the text itself."""
-    if v.lower() in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(v)
-        except ValueError:
-            pass
-    return v
 
 
 def run(preset: str = "demo", out: str | Path | None = None, overrides: dict | None = None,
@@ -110,7 +107,8 @@ def run(preset: str = "demo", out: str | Path | None = None, overrides: dict | N
     train_common = dict(data_dir=str(data_dir), max_iters=s["max_iters"], batch_size=s["batch_size"],
                         block_size=s["block_size"], grad_accum=s["grad_accum"], learning_rate=s["learning_rate"],
                         min_lr=s["min_lr"], warmup_iters=s["warmup_iters"], eval_interval=s["eval_interval"],
-                        eval_iters=s["eval_iters"], log_interval=5)
+                        eval_iters=s["eval_iters"], log_interval=5, parallel=s["parallel"],
+                        launch_ddp=s["launch_ddp"], nproc_per_node=s["nproc_per_node"])
     parent = s["parent"]
     if parent == "pretrain":  # Algorithm 2: pre-train the parent here, from scratch
         from helpers.checkpoint import save_checkpoint
@@ -156,8 +154,20 @@ def summarize(run_dir: Path, preset: str, s: dict, elapsed: float, images: Path)
     summary = {"preset": preset, "settings": s, "elapsed_s": round(elapsed, 1), "machine": machine(),
                "date": time.strftime("%Y-%m-%d"), "results": results.to_dict(orient="records"),
                "images": sorted(str(p) for p in images.glob("*.png"))}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (run_dir / "summary.json").write_text(json.dumps(finite_or_null(summary), indent=1, default=str, allow_nan=False))
     return summary
+
+
+def finite_or_null(value):
+    """`value` with every NaN or infinite float replaced by None: JSON has no NaN, and most readers
+    refuse the bare `NaN` Python writes (pandas gives NaN for a run without a token count)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 def machine() -> str:

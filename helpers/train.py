@@ -2,6 +2,7 @@
 
     python -m helpers.train [--config FILE.yaml] [key=value ...]
     torchrun --nproc_per_node=2 -m helpers.train key=value ...      (DDP, e.g. Kaggle's 2 x T4)
+    torchrun --nproc_per_node=2 -m helpers.train parallel=fsdp ...  (FSDP2: weights, grads, AdamW sharded)
 
 `init` chooses the starting point: "inherit" (the first n_layers of `parent`), "scratch" (the same
 shape, randomly initialised: the paper's baseline), "resume" (the run in out_dir), or the path of
@@ -77,6 +78,13 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def mfu(tokens_per_s: float | None, flops_per_token: float, peak_per_device: float | None, n_devices: int) -> float | None:
+    """Model FLOPs utilisation: the FLOPs all processes did per second over the peak of all their devices."""
+    if not tokens_per_s or not peak_per_device:
+        return None
+    return tokens_per_s * flops_per_token / (peak_per_device * n_devices)
 
 
 def configure_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -253,15 +261,18 @@ def train(cfg: TrainConfig) -> dict:
     if rank == 0:
         check_out_dir(out_dir, model)
     splits = {"train": open_split(cfg.data_dir, "train"), "val": open_split(cfg.data_dir, "val")}
+    sharded = ddp and cfg.parallel == "fsdp"
+    if sharded:
+        shard_model(model, device)
     model.to(device)
     model.train()
     optimizer = configure_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = make_scaler(device, dtype, sharded)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     sampler = torch.Generator().manual_seed(cfg.seed)
     step, tokens_seen, best_val, elapsed_before = 0, 0, float("inf"), 0.0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, model, state["optimizer"], sharded)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         sampler.set_state(state["sampler"])
@@ -276,14 +287,14 @@ def train(cfg: TrainConfig) -> dict:
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
-    if ddp:
+    if ddp and not sharded:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     total = total_iters(cfg)
     local_accum = cfg.grad_accum // world
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     flops_per_step = raw_model.flops_per_token(cfg.block_size) * tokens_per_step
-    peak = peak_flops(device)
+    peak = peak_flops(device)  # of one device; the MFU divides by all of them
     from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not cfg.progress or rank != 0,
                mininterval=1.0, file=sys.stderr)
@@ -298,22 +309,23 @@ def train(cfg: TrainConfig) -> dict:
             tps = tokens_timed / (now - t_window) if tokens_timed else None
             record = {"step": step, "tokens": tokens_seen, "lr": lr_at(min(step, total - 1), cfg, total),
                       "train_loss": losses["train"], "val_loss": losses["val"],
-                      "tokens_per_s": tps, "mfu": (tps / tokens_per_step * flops_per_step / peak) if tps and peak else None,
+                      "tokens_per_s": tps, "mfu": mfu(tps, flops_per_step / tokens_per_step, peak, world),
                       "elapsed_s": round(elapsed_before + now - t_start, 3), "init": cfg.init}
             if not all(map(math.isfinite, (losses["train"], losses["val"]))):
                 raise FloatingPointError(f"step {step}: evaluation loss is {losses}; training diverged. The last "
                                          f"good checkpoint is kept in {out_dir}; lower learning_rate")
+            gathered = gather_full_state(raw_model, optimizer) if sharded else None  # every process takes part
             if rank == 0:
                 with open(out_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 improved = losses["val"] < best_val
                 best_val = min(best_val, losses["val"])
-                state_out = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), sampler=sampler.get_state(),
+                state_out = dict(optimizer=gathered[1] if sharded else optimizer.state_dict(), scaler=scaler.state_dict(), sampler=sampler.get_state(),
                                  rng=rng_state(), step=step, tokens_seen=tokens_seen, best_val_loss=best_val,
                                  val_loss=losses["val"], train_loss=losses["train"], elapsed_s=record["elapsed_s"],
                                  train_config=dataclasses.asdict(cfg), data_meta={"source": meta["source"],
                                                                                  "tokenizer": meta["tokenizer"]})
-                path = save_checkpoint(out_dir / f"step_{step:07d}.pt", raw_model, **state_out)
+                path = save_checkpoint(out_dir / f"step_{step:07d}.pt", gathered[0] if sharded else raw_model, **state_out)
                 if improved:
                     for src, dst in ((path, out_dir / "best.pt"), (path.with_suffix(".json"), out_dir / "best.json")):
                         link_or_copy(src, dst)
@@ -336,7 +348,7 @@ def train(cfg: TrainConfig) -> dict:
             if x is None:
                 continue
             last_micro = micro // local_accum == rank and (micro + 1) % local_accum == 0
-            sync = model.no_sync() if ddp and not last_micro else nullcontext()
+            sync = gradient_sync(model, cfg.parallel if ddp else None, last_micro)
             with sync, autocast:
                 _, loss = model(x, y)
                 loss = loss / cfg.grad_accum
@@ -361,6 +373,108 @@ def train(cfg: TrainConfig) -> dict:
     if ddp:
         dist.destroy_process_group()
     return record
+
+
+# ---- several processes: DDP and FSDP2 -----------------------------------------------------------
+def shard_model(model: GPT, device: torch.device) -> None:
+    """FSDP2, in place: each block is one unit and the root holds the rest (embeddings, final norm,
+    head), all split across the processes; a block's weights are gathered only while it runs."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def make_scaler(device: torch.device, dtype: torch.dtype, sharded: bool):
+    """The loss scaler float16 needs (a no-op otherwise). Sharded, an overflow in any process's
+    gradient shard must make every process skip the step: ShardedGradScaler agrees on it."""
+    if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        return ShardedGradScaler(device.type, enabled=dtype == torch.float16)
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def gradient_sync(model, parallel: str | None, last_micro: bool):
+    """Context of one micro-step: gradients are averaged across processes only on a process's last
+    micro-step (parallel None: one process, nothing to average)."""
+    if parallel == "fsdp":
+        model.set_requires_gradient_sync(last_micro)
+        return nullcontext()
+    return model.no_sync() if parallel == "ddp" and not last_micro else nullcontext()
+
+
+class GatheredModel:
+    """What save_checkpoint reads of a model (config, provenance, state_dict, num_params), with the
+    full weights gathered from an FSDP model's shards: checkpoints keep the one format load_model reads."""
+
+    def __init__(self, model: GPT, state: dict):
+        self.config, self.provenance, self._state, self._n = model.config, model.provenance, state, model.num_params()
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def num_params(self) -> int:
+        return self._n
+
+
+def gather_full_state(model: GPT, optimizer) -> tuple[GatheredModel, dict]:
+    """(full model, full optimizer state keyed by parameter name) of a sharded model, on the CPU of
+    process 0 (empty elsewhere). Every process must call it: the shards are gathered collectively."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    if not optimizer.state:  # before the first step: nothing to gather (and gathering would take an empty AdamW step)
+        return GatheredModel(model, weights), optimizer.state_dict()
+    return GatheredModel(model, weights), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(optimizer, model, state: dict, sharded: bool = False) -> None:
+    """Restore AdamW's state saved by optimizer.state_dict() (parameters by index) or by an FSDP run
+    (parameters by name), into a plain or (sharded=True) an FSDP model: either way round."""
+    by_name = any(isinstance(p, str) for g in state["param_groups"] for p in g["params"])
+    if not by_name and not sharded:
+        optimizer.load_state_dict(state)
+        return
+    if not state["state"]:
+        return  # saved before the first step: nothing to restore (and restoring would take an empty AdamW step)
+    if not by_name:  # index i is the i-th parameter in the optimizer's groups: name it
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        state = {"state": {order[i]: v for i, v in state["state"].items()},
+                 "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def torchrun_command(cfg: TrainConfig, nproc_per_node: int) -> list[str]:
+    """The command that trains `cfg` with `nproc_per_node` processes on this machine (one per GPU;
+    on a machine without GPUs, CPU processes talking through gloo)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+            "-m", "helpers.train", *cfg.to_args()]
+
+
+def launch(cfg: TrainConfig, nproc_per_node: int | None = None) -> list[str]:
+    """Run torchrun_command (nproc_per_node None: one process per visible GPU), printing the exact
+    command line first and the processes' output as it comes; returns the command."""
+    import shlex
+    import subprocess
+    n = nproc_per_node if nproc_per_node is not None else max(1, torch.cuda.device_count())
+    if n < 1:
+        raise ConfigError(f"nproc_per_node={nproc_per_node} must be at least 1")
+    cmd = torchrun_command(cfg, n)
+    print(shlex.join(cmd), flush=True)
+    env = dict(os.environ)  # the processes import this very copy of helpers
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+    if proc.wait() != 0:
+        raise subprocess.CalledProcessError(proc.returncode, shlex.join(cmd))
+    return cmd
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -22,3 +22,21 @@ def test_gpu_benchmark_refuses_a_missing_gpu_with_the_way_out():
     res = subprocess.run([sys.executable, "bench/gpu.py", "--device", "cuda"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode != 0 and "--device cpu --tiny" in res.stderr
+
+
+def test_memory_table_counts_and_bytes_per_parameter(tmp_path):
+    """The README's fit table: child sizes counted from the parents' shapes (the SmolLM2 child has the
+    81.4 M parameters the demo's loaded child has) and bytes per GPU from 16 B/param."""
+    out = tmp_path / "memory.json"
+    res = subprocess.run([sys.executable, "bench/memory.py", "--json", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    smol, llama = data["children"]["SmolLM2-135M"], data["children"]["OpenLLaMA-3B"]
+    assert round(smol["params"] / 1e6, 1) == 81.4
+    assert llama["params"] == llama["root"] + 13 * llama["block"]
+    fits = llama["fits"]
+    assert fits["A100-40GB one GPU"]["gb_per_gpu"] == round(16 * llama["params"] / 1e9, 1)
+    assert fits["2 x T4 ddp"]["gb_per_gpu"] == round(20 * llama["params"] / 1e9, 1)
+    assert fits["2 x T4 fsdp"]["gb_per_gpu"] == round((8 * llama["params"] + 8 * (llama["root"] + 2 * llama["block"])) / 1e9, 1)
+    assert data["most_layers"]["OpenLLaMA-3B"]["2 x T4 fsdp"] > data["most_layers"]["OpenLLaMA-3B"]["2 x T4 ddp"]

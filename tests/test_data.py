@@ -212,3 +212,43 @@ def test_batches_and_sequential_pass(tmp_path):
     assert torch.equal(x1, x2) and x1.shape == (4, 32) and torch.equal(x1[:, 1:], y1[:, :-1])
     seen = torch.cat([y[y >= 0] for _, y in iter_sequential(val, 64, 3)])
     assert torch.equal(seen, torch.from_numpy(np.asarray(val[1:]).astype(np.int64)))
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_one_document_is_split_by_position(tmp_path, kind):
+    """One novel as input.txt (or a .jsonl of one record): the last val_fraction of its tokens are
+    the validation split, in order, and meta.json says the split was by position."""
+    text = "".join(f"Chapter {i}. It was a dark and stormy night, número {i}.\n" for i in range(200))
+    src = tmp_path / f"input.{kind}"
+    src.write_text(text if kind == "txt" else json.dumps({"text": text}) + "\n")
+    meta = prepare(str(src), tmp_path / "out", val_fraction=0.1, progress=False)
+    enc = gpt2_encoding()
+    ids = enc.encode_ordinary(text) + [enc.eot_token]
+    n_val = round(len(ids) * 0.1)
+    train = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16).tolist()
+    val = np.fromfile(tmp_path / "out" / "val.bin", dtype=np.uint16).tolist()
+    assert train + val == ids and len(val) == n_val
+    assert meta["split"]["method"] == "position" and meta["split"]["val_from_token"] == len(ids) - n_val
+    assert meta["splits"]["val"]["tokens"] == n_val and read_meta(tmp_path / "out") == meta
+    verify(tmp_path / "out")  # hashes describe the rewritten files
+    assert prepare(str(src), tmp_path / "out", val_fraction=0.1, progress=False) == meta  # reused as is
+
+
+def test_many_documents_keep_the_hash_split(tmp_path):
+    (tmp_path / "docs").mkdir()
+    for name, text in list(DOCS.items())[:30]:
+        (tmp_path / "docs" / f"{name.replace('/', '_')}").write_text(text)
+    meta = prepare(str(tmp_path / "docs"), tmp_path / "out", val_fraction=0.2, progress=False)
+    assert meta["split"] == {"method": "hash", "seed": 1337} and meta["splits"]["val"]["documents"] > 0
+
+
+def test_overwrite_replaces_a_damaged_meta_json(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("Some text here, again and again. " * 200)
+    prepare(str(src), tmp_path / "out", progress=False)
+    (tmp_path / "out" / "meta.json").write_text('{"version": 1, "par')  # truncated
+    with pytest.raises(DataError, match="damaged.*overwrite=True"):
+        prepare(str(src), tmp_path / "out", progress=False)
+    meta = prepare(str(src), tmp_path / "out", overwrite=True, progress=False)
+    assert read_meta(tmp_path / "out") == meta
+    verify(tmp_path / "out")

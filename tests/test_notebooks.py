@@ -40,3 +40,45 @@ def test_02_inherit_runs_under_papermill(gpt2_vocab_parent, tmp_path):
     child = load_model(tmp_path / "child.pt")
     assert child.config.n_layer == 2
     assert read_sidecar(tmp_path / "child.pt")["provenance"]["layers"] == [0, 1]
+
+
+@pytest.fixture(scope="session")
+def tiny_run_inputs(tmp_path_factory):
+    """A tiny GPT-2-vocabulary parent checkpoint and a small prepared corpus."""
+    import torch
+    from helpers.checkpoint import save_checkpoint
+    from helpers.data import prepare
+    from helpers.model import GPT, GPTConfig
+    base = tmp_path_factory.mktemp("ddp_inputs")
+    torch.manual_seed(0)
+    parent = GPT(GPTConfig(n_layer=4, n_head=2, n_embd=32, vocab_size=50257, block_size=64))
+    parent.provenance = {"tokenizer": "gpt2", "source": "tiny"}
+    save_checkpoint(base / "parent.pt", parent)
+    prepare("stdlib", base / "data", max_docs=40, val_fraction=0.2, progress=False)
+    return base
+
+
+@pytest.mark.slow
+def test_03_launches_ddp_on_kaggle_layout(tiny_run_inputs, tmp_path, monkeypatch):
+    """As on Kaggle (KAGGLE_KERNEL_RUN_TYPE set; the working root stood in for by a temporary folder):
+    launch_ddp=True with nproc_per_node=2 prints the exact torchrun line, really trains in 2 CPU
+    processes (gloo), writes under the working root, and logs the losses of 1 process with grad_accum=2."""
+    import shlex
+    from helpers.train import TrainConfig, read_metrics, torchrun_command, train
+    root = tmp_path / "kaggle working"
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    monkeypatch.setenv("INHERITUNE_KAGGLE_WORKING", str(root))
+    params = dict(parent=str(tiny_run_inputs / "parent.pt"), n_layers=2, data_dir=str(tiny_run_inputs / "data"),
+                  max_iters=4, batch_size=2, block_size=32, grad_accum=2, eval_interval=2, eval_iters=2,
+                  log_interval=1, warmup_iters=2, device="cpu", progress=False)
+    nb = run_notebook("03_train.ipynb", tmp_path, **params, launch_ddp=True, nproc_per_node=2)
+    printed = "".join("".join(o["text"]) for c in nb["cells"] for o in c.get("outputs", []) if o.get("name") == "stdout")
+    cfg = TrainConfig.from_dict(params)
+    assert cfg.out_dir == f"{root}/runs/train"
+    assert shlex.join(torchrun_command(cfg, 2)) in printed.splitlines()
+    assert "--nproc_per_node=2" in printed and (root / "runs" / "train" / "metrics.jsonl").is_file()
+    one = train(TrainConfig.from_dict({**params, "out_dir": str(tmp_path / "one")}))
+    two = read_metrics(root / "runs" / "train")
+    assert list(two["step"]) == [0, 2, 4] and one["step"] == 4
+    for name in ("train_loss", "val_loss"):
+        assert list(two[name]) == pytest.approx(list(read_metrics(tmp_path / "one")[name]), rel=1e-5)

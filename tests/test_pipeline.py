@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from helpers.errors import ConfigError
 from helpers.pipeline import main, run
 
 
@@ -62,3 +63,30 @@ def test_unknown_preset_and_setting(tmp_path, capsys):
     assert main(["--preset", "nope", "--out", str(tmp_path / "x")]) == 1
     assert main(["--preset", "smoke", "--out", str(tmp_path / "y"), "bogus=1"]) == 1
     assert "unknown pipeline settings" in capsys.readouterr().err
+
+
+def test_settings_parse_like_the_training_command_line():
+    """One key=value parser (helpers.config.coerce): numbers, None, text, and true/false for switches."""
+    from helpers.pipeline import settings
+    s = settings("smoke", {"max_iters": "5", "learning_rate": "1e-3", "n_layers": "none", "source": "my corpus.txt",
+                           "max_tokens": "2e4", "launch_ddp": "true", "parallel": "fsdp", "nproc_per_node": "2"})
+    assert s["max_iters"] == 5 and s["learning_rate"] == 1e-3 and s["n_layers"] is None
+    assert s["source"] == "my corpus.txt" and s["max_tokens"] == 20_000 and isinstance(s["max_tokens"], int)
+    assert s["launch_ddp"] is True and s["parallel"] == "fsdp" and s["nproc_per_node"] == 2
+    with pytest.raises(ConfigError, match="launch_ddp='maybe' is not a valid bool"):
+        settings("smoke", {"launch_ddp": "maybe"})
+
+
+def test_summary_json_has_null_not_nan(tmp_path):
+    """The parent's row has no token count (NaN in pandas): summary.json must still be strict JSON."""
+    from helpers.pipeline import summarize
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "eval.csv").write_text("model,layers,params,tokens_seen,val_loss,perplexity\n"
+                                                "parent,4,100,,3.5,33.1\nchild,2,50,1000,3.9,49.4\n")
+    summarize(tmp_path, "smoke", {"lr": float("nan")}, 1.0, tmp_path)
+
+    def refuse(name):
+        raise ValueError(f"bare {name} in summary.json")
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["results"][0]["tokens_seen"] is None and summary["results"][1]["tokens_seen"] == 1000
+    assert summary["settings"]["lr"] is None

@@ -240,5 +240,51 @@ def test_kaggle_default_paths(monkeypatch):
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
     cfg = TrainConfig()
     assert cfg.out_dir.startswith("/kaggle/working/") and cfg.data_dir.startswith("/kaggle/working/data/")
+    monkeypatch.setenv("INHERITUNE_KAGGLE_WORKING", "/tmp/stand in")  # what the offline Kaggle tests use
+    assert TrainConfig().out_dir == "/tmp/stand in/runs/train"
+    monkeypatch.delenv("INHERITUNE_KAGGLE_WORKING")
     monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE")
     assert TrainConfig().out_dir == "./runs/train"
+
+
+def _samples(typ) -> list:
+    """Values of a field type that a launch line must carry unchanged, awkward ones included."""
+    import types
+    import typing
+    args = typing.get_args(typ) if typing.get_origin(typ) in (typing.Union, types.UnionType) else ()
+    base = next((a for a in args if a is not type(None)), typ) if args else typ
+    values = [None] if type(None) in args else []
+    if typing.get_origin(base) is list:
+        (item,) = typing.get_args(base)
+        return values + [[], [s for s in _samples(item) if s is not None][:3]]
+    return values + {bool: [True, False], int: [0, 7, -3, 2 ** 62 + 1], float: [0.1 + 0.2, 1e-05, 3.0, -2.5e300],
+                     str: ["/tmp/a folder/with spaces", "none", "", " padded ", '"quoted"', "x=y", "ünï"]}[base]
+
+
+def test_to_args_round_trips_every_field():
+    """Every field of TrainConfig, whatever its type, survives to_args -> parse_cli unchanged."""
+    import dataclasses
+    import typing
+    from helpers.config import to_text
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        for value in _samples(hints[f.name]):
+            assert coerce(f.name, hints[f.name], to_text(value)) == value, (f.name, value)
+    for typ in (list[int] | None, list[str], list[float]):  # list fields (layer selection) round-trip too
+        for value in _samples(typ):
+            assert coerce("x", typ, to_text(value)) == value, (typ, value)
+    cfg = TrainConfig(parent="/tmp/my models/parent.pt", out_dir="/tmp/a b/run", data_dir="/tmp/my data", compile=True,
+                      learning_rate=0.1 + 0.2, min_lr=1e-05, max_tokens=None, init="inherit", device="cpu")
+    back = parse_cli(cfg.to_args())
+    assert back == cfg and not back.auto_data
+    assert [a.split("=", 1)[0] for a in cfg.to_args()] == TrainConfig.field_names()  # no auto_data
+    default = TrainConfig(parent="/tmp/p q/x.pt")  # data_dir=None: the default folder, prepared on demand
+    again = parse_cli(default.to_args())
+    assert again == default and again.auto_data
+
+
+def test_lists_and_quoted_text_parse():
+    assert coerce("layers", list[int] | None, "0,1,5") == [0, 1, 5] == coerce("layers", list[int], "[0, 1, 5]")
+    assert coerce("layers", list[int] | None, "none") is None and coerce("init", str, '"none"') == "none"
+    with pytest.raises(ConfigError, match=r"layers\[1\]='x' is not a valid int"):
+        coerce("layers", list[int], "0,x")
