@@ -37,6 +37,7 @@ class GenericConfig:
     vocab_size: int = 0
     dropout: float = 0.0  # the transformers config keeps its own dropout settings
     tie_embeddings: bool = False
+    family: str = ""  # the transformers model_type, e.g. "gpt_neox"
 
     def to_dict(self) -> dict:
         return {"generic": True, "hf_config": self.hf}
@@ -57,7 +58,8 @@ class HFCausalLM(nn.Module):
         block_size = next((getattr(c, k) for k in ("max_position_embeddings", "n_positions", "seq_length")
                            if isinstance(getattr(c, k, None), int)), 2048)
         return GenericConfig(hf=c.to_dict(), n_layer=c.num_hidden_layers, block_size=block_size,
-                             vocab_size=c.vocab_size, tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)))
+                             vocab_size=c.vocab_size, tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+                             family=c.model_type)
 
     def forward(self, idx, targets=None, last_only: bool = False):
         """(logits, loss) as GPT.forward: loss is cross-entropy over targets, -1 ignored."""

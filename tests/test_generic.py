@@ -62,6 +62,7 @@ def truncated_logits(parent: HFCausalLM, idx, keep):
 def test_loads_as_the_wrapped_transformers_model(pair):
     ref, ours, _ = pair
     assert isinstance(ours, HFCausalLM) and ours.config.n_layer == 3 and ours.config.vocab_size == 1000
+    assert ours.config.family == ref.config.model_type
     idx = tokens(t=20)
     with torch.no_grad():
         assert torch.equal(ours(idx)[0], ref(idx).logits)
