@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from helpers.checkpoint import load_model, read_sidecar, resolve
 from helpers.data import iter_sequential, open_split
+from helpers.errors import ConfigError
 from helpers.model import GPT, attention_mask
 
 
@@ -61,6 +62,9 @@ def continuations(models: dict, enc, prompts: list[str], max_new_tokens: int = 3
 @torch.no_grad()
 def attention_maps(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     """Post-softmax causal attention of every layer for idx (1, T): a list of (n_head, T, T)."""
+    if not isinstance(model, GPT):
+        raise ConfigError(f"attention maps need a native model (gpt2, llama, mistral, qwen2, qwen3); this "
+                          f"{model.config.hf.get('model_type')!r} model is on the generic path")
     model.eval()
     T = idx.size(1)
     x, rope = model.embed(idx)

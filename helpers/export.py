@@ -16,6 +16,11 @@ def export_hf(model: GPT, out_dir) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not isinstance(model, GPT):  # a transformers model (helpers.generic): its own save_pretrained
+        from helpers.generic import export_generic
+        export_generic(model, out)
+        copy_tokenizer(model.provenance, out)
+        return out
     hf = hf_config(model.config)
     hf["torch_dtype"] = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(hf, indent=2))

@@ -164,7 +164,11 @@ def read_config(path: Path) -> dict:
 
 
 def load_hf_folder(path: Path) -> GPT:
-    cfg = config_from_hf(read_config(path), path / "config.json")
+    hf = read_config(path)
+    if hf.get("model_type") not in NATIVE:  # any other decoder of transformers
+        from helpers.generic import load_generic_folder
+        return load_generic_folder(path, hf)
+    cfg = config_from_hf(hf, path / "config.json")
     model = GPT(cfg)
     assign_state(model, state_from_hf(read_weights(path), cfg, path), path)
     tok = "gpt2" if cfg.family == "gpt2" and not (path / "tokenizer.json").is_file() else str(path)

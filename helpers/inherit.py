@@ -16,6 +16,9 @@ from helpers.model import GPT
 
 def inherit(parent: GPT, n_layers: int, layers: list[int] | None = None) -> GPT:
     """A new GPT holding parent blocks 0..n_layers-1, or the explicit `layers`, in that order."""
+    if not isinstance(parent, GPT):  # a transformers model through the generic path
+        from helpers.generic import inherit_generic
+        return inherit_generic(parent, n_layers, layers)
     total = parent.config.n_layer
     if layers is None:
         if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= total:

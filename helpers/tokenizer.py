@@ -27,9 +27,14 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 # GPT-2's pattern after a `Digits(individual_digits=True)` pre-tokenizer (SmolLM2, StarCoder):
 # every digit is its own piece, and a whitespace run may end where a digit starts.
 DIGITS_PATTERN = r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?![^\s\p{N}])|\s"""
+# Qwen2, Qwen2.5 and Qwen3's pattern (their tokenizer.json: a Split with it, then byte-level, after NFC):
+# one digit per piece, case-insensitive contractions, punctuation runs keep their newlines.
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 # llama.cpp's pre-tokenizer names -> split pattern
 GGUF_PRE = {"default": GPT2_PATTERN, "gpt-2": GPT2_PATTERN, "gpt2": GPT2_PATTERN,
-            "smollm": DIGITS_PATTERN, "starcoder": DIGITS_PATTERN, "refact": DIGITS_PATTERN}
+            "smollm": DIGITS_PATTERN, "starcoder": DIGITS_PATTERN, "refact": DIGITS_PATTERN, "qwen2": QWEN2_PATTERN}
+GGUF_NFC = {"qwen2"}  # pre-tokenizers whose Hugging Face tokenizer normalizes to NFC first
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,7 +159,7 @@ def encoding_from_gguf(path) -> tiktoken.Encoding:
     tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
     special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # control, user-defined
     return _byte_level_encoding(f"gguf:{Path(path).name}", tokens, get("tokenizer.ggml.merges"), special,
-                                GGUF_PRE[pre], path)
+                                GGUF_PRE[pre], path, normalize="NFC" if pre in GGUF_NFC else None)
 
 
 def _pattern_from_pre_tokenizer(pre: dict | None, where: str) -> str:

@@ -62,6 +62,9 @@ def load_torch_checkpoint(path: Path) -> GPT:
     if ck.get("format") == FORMAT:
         if ck.get("version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{path}: written by a newer version ({ck['version']}); upgrade helpers")
+        if ck.get("model_config", {}).get("generic"):  # a transformers model (helpers.generic)
+            from helpers.generic import load_generic_checkpoint
+            return load_generic_checkpoint(ck["model_config"], ck["model"], dict(ck.get("provenance", {})), path)
         try:
             cfg = GPTConfig.from_dict(ck["model_config"])
         except (KeyError, TypeError, ValueError) as e:

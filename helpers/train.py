@@ -28,6 +28,7 @@ from helpers.config import TrainConfig, coerce, default_root, parse_cli  # noqa:
 from helpers.checkpoint import atomic_write, load_model, load_training_state, save_checkpoint, unwritable_reason
 from helpers.data import get_batch, open_split, prepare, read_meta
 from helpers.errors import ConfigError, DataError, HelpersError
+from helpers.generic import scratch_like
 from helpers.inherit import inherit
 from helpers.model import GPT
 
@@ -131,7 +132,7 @@ def build_model(cfg: TrainConfig) -> tuple[GPT, dict | None]:
             raise ConfigError(f"n_layers: {e}") from None
         if cfg.init == "scratch":
             torch.manual_seed(cfg.seed)
-            scratch = GPT(child.config)
+            scratch = GPT(child.config) if isinstance(child, GPT) else scratch_like(child, cfg.seed)
             scratch.provenance = {"tokenizer": parent.provenance.get("tokenizer"), "source": "scratch",
                                   "shape_of": f"first {n} layers of {cfg.parent}"}
             child = scratch
@@ -139,6 +140,9 @@ def build_model(cfg: TrainConfig) -> tuple[GPT, dict | None]:
         model = child
     else:
         model = load_model(cfg.init)
+    if cfg.dropout != model.config.dropout and not isinstance(model, GPT):
+        raise ConfigError(f"dropout={cfg.dropout}: a transformers model (generic path) trains with the dropout "
+                          "of its own config; leave dropout=0")
     if cfg.dropout != model.config.dropout:  # dropout is a training choice, not part of the weights
         rebuilt = GPT(dataclasses.replace(model.config, dropout=cfg.dropout))
         rebuilt.load_state_dict(model.state_dict())

@@ -177,9 +177,13 @@ def test_unsupported_architecture(hf_gpt2, tmp_path):
     _, path = hf_gpt2
     shutil.copytree(path, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    cfg["model_type"] = "mamba"
+    cfg["model_type"] = "no-such-arch"
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="model_type 'mamba' is not supported"):
+    with pytest.raises(CheckpointError, match="model_type 'no-such-arch' is unknown to the installed transformers"):
+        load_model(tmp_path / "m")
+    cfg["model_type"] = "mamba"  # a causal LM transformers knows, but GPT-2's weights are not a Mamba's
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="m: weights do not match config.json: missing"):
         load_model(tmp_path / "m")
 
 

@@ -3,7 +3,7 @@ import sysconfig
 
 import pytest
 
-from helpers.tokenizer import copy_encoding, encoding_from_tokenizer_json, end_of_text, get_encoding
+from helpers.tokenizer import QWEN2_PATTERN, copy_encoding, encoding_from_tokenizer_json, end_of_text, get_encoding
 
 MULTILINGUAL = [
     "The quick brown fox jumps over the lazy dog. It's 3.14159 o'clock; we'll see.",
@@ -148,20 +148,18 @@ def test_copy_encoding_encodes_like_the_original_for_plain_and_model_encodings(t
         assert encode_ids(copy, text).tolist() == encode_ids(enc, text).tolist() == enc.encode_ordinary(text)
 
 
-# Qwen2/2.5/3's split pattern, as their tokenizer.json declares it (Split, then ByteLevel without regex; NFC first)
-QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 DECOMPOSED = "Cafe\u0301 cre\u0300me bru\u0302le\u0301e, A\u030angstro\u0308m, ﬁ ligature, Ⅻ 2\u00b3 ½"
 
 
 def test_qwen_tokenizer_json_equals_transformers(tmp_path):
     """Qwen's pre-tokenizer (Split with its own regex, byte-level without regex, NFC) on code,
     Unicode (decomposed accents that NFC composes) and digits, through get_encoding(folder)."""
+    import json
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     tk = Tokenizer(models.BPE())
     tk.normalizer = normalizers.NFC()
     tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=2500, special_tokens=["<|endoftext|>", "<|im_start|>"],
@@ -175,3 +173,17 @@ def test_qwen_tokenizer_json_equals_transformers(tmp_path):
     assert enc.encode_to_numpy(DECOMPOSED).tolist() == enc.encode_ordinary(DECOMPOSED)  # the data-prep path
     assert copy_encoding(enc).encode_ordinary(DECOMPOSED) == enc.encode_ordinary(DECOMPOSED)
     assert end_of_text(enc) == 0
+    # the same vocabulary in a GGUF file with llama.cpp's pre-tokenizer name "qwen2"
+    gguf = pytest.importorskip("gguf")
+    vocab = tk.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "qwen2")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    merges = json.loads(tk.to_str())["model"]["merges"]
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    from_gguf = get_encoding(tmp_path / "t.gguf")
+    assert [from_gguf.encode_ordinary(t) for t in texts] == [enc.encode_ordinary(t) for t in texts]
