@@ -318,18 +318,19 @@ def train(cfg: TrainConfig) -> dict:
             if not all(map(math.isfinite, (losses["train"], losses["val"]))):
                 raise FloatingPointError(f"step {step}: evaluation loss is {losses}; training diverged. The last "
                                          f"good checkpoint is kept in {out_dir}; lower learning_rate")
-            gathered = gather_full_state(raw_model, optimizer) if sharded else None  # every process takes part
+            # sharded: every process takes part in gathering the full weights and AdamW state
+            saved_model, saved_optimizer = gather_full_state(raw_model, optimizer) if sharded else (raw_model, None)
             if rank == 0:
                 with open(out_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 improved = losses["val"] < best_val
                 best_val = min(best_val, losses["val"])
-                state_out = dict(optimizer=gathered[1] if sharded else optimizer.state_dict(), scaler=scaler.state_dict(), sampler=sampler.get_state(),
+                state_out = dict(optimizer=saved_optimizer or optimizer.state_dict(), scaler=scaler.state_dict(), sampler=sampler.get_state(),
                                  rng=rng_state(), step=step, tokens_seen=tokens_seen, best_val_loss=best_val,
                                  val_loss=losses["val"], train_loss=losses["train"], elapsed_s=record["elapsed_s"],
                                  train_config=dataclasses.asdict(cfg), data_meta={"source": meta["source"],
                                                                                  "tokenizer": meta["tokenizer"]})
-                path = save_checkpoint(out_dir / f"step_{step:07d}.pt", gathered[0] if sharded else raw_model, **state_out)
+                path = save_checkpoint(out_dir / f"step_{step:07d}.pt", saved_model, **state_out)
                 if improved:
                     for src, dst in ((path, out_dir / "best.pt"), (path.with_suffix(".json"), out_dir / "best.json")):
                         link_or_copy(src, dst)
