@@ -168,6 +168,27 @@ def inherit(parent: GPT, n_layers: int, layers: list[int] | None = None, strateg
     return child
 
 
+def compare_strategies(parent: GPT, n_layers: int, scores: pd.DataFrame | None = None, data_dir=None,
+                       block_size: int = 256, max_tokens: int | None = None, strategies=STRATEGIES) -> pd.DataFrame:
+    """One row per strategy: the kept blocks and, given data_dir, the untrained child's loss over
+    the val split (its first max_tokens tokens when given). Strategies that need scores are left
+    out when `scores` is None."""
+    from helpers.evaluate import val_loss_full
+    rows = []
+    for strategy in strategies:
+        if strategy in SCORE_OF and scores is None:
+            continue
+        layers, _ = select_layers(parent, n_layers, strategy=strategy, scores=scores)
+        row = {"strategy": strategy, "layers": layers}
+        if data_dir is not None:
+            child = inherit(parent, n_layers, layers=layers)
+            row.update(val_loss_full(child, data_dir, block_size, device=parent.transformer.wte.weight.device,
+                                     max_tokens=max_tokens))
+            del child
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("strategy")
+
+
 def param_report(parent: GPT, child: GPT) -> dict:
     """Parameter counts of parent and child, and the share the child keeps."""
     p, c = parent.num_params(), child.num_params()
