@@ -42,7 +42,8 @@ def hidden_states(parent: GPT, tokens: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def layer_scores(parent: GPT, tokens: torch.Tensor, n_layers: int, attention_tokens: int = 128) -> pd.DataFrame:
+def layer_scores(parent: GPT, tokens: torch.Tensor, n_layers: int, attention_tokens: int = 128,
+                 full: bool = True) -> pd.DataFrame:
     """One row per parent block (index: block number) from one forward pass over `tokens` (B, T):
 
     - block_influence: 1 - mean over tokens of cos(input, output) of the block (ShortGPT);
@@ -52,6 +53,9 @@ def layer_scores(parent: GPT, tokens: torch.Tensor, n_layers: int, attention_tok
     - attention_rank: rank holding 90% of the attention matrix's energy, mean over heads, on the
       first sequence's first `attention_tokens` tokens (helpers.evaluate.attention_collapse);
     - early_exit_loss: next-token loss of the parent using only blocks 0..i, then its final norm and head.
+
+    full=False computes only the first two (all the strategies read): the parent's forward pass,
+    without the L head products of the early exits and the attention maps.
     """
     from helpers.evaluate import attention_collapse
 
@@ -71,6 +75,11 @@ def layer_scores(parent: GPT, tokens: torch.Tensor, n_layers: int, attention_tok
             continue
         cos = F.cosine_similarity(states[i][:, -1].float(), states[i + k][:, -1].float(), dim=-1)
         angular.append((torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).mean().item())
+    table = pd.DataFrame({"block_influence": influence, "angular_distance": angular})
+    table.index.name = "block"
+    table.attrs["n_layers"] = n_layers
+    if not full:
+        return table
     targets = tokens[:, 1:].reshape(-1)
     early_exit = []
     for i in range(total):
@@ -80,11 +89,8 @@ def layer_scores(parent: GPT, tokens: torch.Tensor, n_layers: int, attention_tok
     del states
     attn = attention_collapse(parent, tokens[:1, :attention_tokens])
     rank = attn.groupby("layer")["rank90"].mean()
-    table = pd.DataFrame({"block_influence": influence, "angular_distance": angular,
-                          "attention_rank": [float(rank.get(i, math.nan)) for i in range(total)],
-                          "early_exit_loss": early_exit})
-    table.index.name = "block"
-    table.attrs["n_layers"] = n_layers
+    table["attention_rank"] = [float(rank.get(i, math.nan)) for i in range(total)]
+    table["early_exit_loss"] = early_exit
     return table
 
 
@@ -118,7 +124,7 @@ def select_layers(parent: GPT, n_layers: int, layers=None, strategy: str = "firs
     if scores is None or scores.attrs.get("n_layers") != n_layers:
         if tokens is None:
             raise ValueError(f"strategy={strategy!r} needs calibration tokens=(batch, time) ids from the train split")
-        scores = layer_scores(parent, tokens, n_layers)
+        scores = layer_scores(parent, tokens, n_layers, full=False)
     if strategy == "block-influence":
         top = scores["block_influence"].nlargest(n_layers, keep="first").index
         return sorted(int(i) for i in top), scores

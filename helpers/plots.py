@@ -18,11 +18,15 @@ def _save(fig, path):
 
 
 def plot_loss_curves(runs: dict, reference: dict | None = None, title: str = "Loss against tokens seen",
-                     path=None, log_y: bool = True):
+                     path=None, log_y: bool = True, untrained: dict | None = None):
     """Loss against tokens seen for each {name: run folder}: val solid, train dashed, one colour
-    per run. `reference` draws horizontal lines, e.g. {"parent val loss": 1.3}. The loss axis is
+    per run. `reference` draws horizontal lines, e.g. {"parent val loss": 1.3}; `untrained` marks
+    {name: val loss} at zero tokens (e.g. every strategy's child before training). The loss axis is
     logarithmic by default: an inherited child starts very high and ends close to its parent."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    for j, (name, value) in enumerate((untrained or {}).items()):
+        ax.scatter([0], [value], marker=["x", "+", "1", "2", "3", "4"][j % 6], s=70, color="k", zorder=4,
+                   label=f"{name}: {value:.2f}")
     for i, (name, run) in enumerate(runs.items()):
         m = read_metrics(run)
         colour = f"C{i}"
@@ -105,4 +109,21 @@ def plot_layer_scores(scores: pd.DataFrame, kept: list[int] | dict, title: str =
     axes[0, 0].legend(fontsize=7, loc="upper right")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_grow(rounds: list[dict], parent_val_loss: float, title: str = "Growing the child until it reaches its parent",
+              path=None):
+    """The grow loop's rounds: whole-split val loss of each trained child against its number of
+    blocks, with the parent's val loss as the line to reach."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    n = [r["n_layers"] for r in rounds]
+    ax.plot(n, [r["val_loss"] for r in rounds], "-o", color="C0", label="child after training")
+    ax.axhline(parent_val_loss, color="k", ls="-.", lw=1.2, label=f"parent = {parent_val_loss:.2f}")
+    ax.set_xticks(n)
+    ax.set_xlabel("blocks kept (n)")
+    ax.set_ylabel("val loss (whole val split)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)

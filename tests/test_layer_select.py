@@ -104,3 +104,10 @@ def test_copy_paper_leaves_position_table_and_final_norm_fresh(parent):
     everything = inherit(parent, 2)  # copy="all" keeps them
     assert torch.equal(everything.transformer.ln_f.weight, parent.transformer.ln_f.weight)
     assert child.provenance["selection"]["copy"] == "paper"
+
+
+def test_cheap_scores_equal_the_full_ones(parent):
+    idx = tokens(n=2, t=16)
+    full, cheap = layer_scores(parent, idx, 2), layer_scores(parent, idx, 2, full=False)
+    assert list(cheap.columns) == ["block_influence", "angular_distance"]
+    assert full[cheap.columns].equals(cheap)
