@@ -55,6 +55,14 @@ class TrainConfig:
     progress: bool = True
     # multi-process training (torchrun): how the processes share the model
     parallel: str = "ddp"  # ddp: a full copy per process | fsdp: weights, gradients and AdamW state sharded (FSDP2)
+    # which blocks the child keeps (helpers.inherit)
+    strategy: str = "first"  # first | first+last | block-influence | angular
+    layers: list[int] | None = None  # explicit parent block indices instead of a strategy, e.g. [0, 1, 2, 29]
+    copy: str = "all"  # all | paper (the paper's code: position table and final norm left at fresh init)
+    calib_batches: int = 8  # train-split sequences of block_size tokens the scored strategies read
+    # checkpoint cadence and cheap evaluation
+    ckpt_interval: int | None = None  # steps between resumable checkpoints, at evaluations; None: every one; 0: the last only
+    eval_train: bool = True  # False: train_loss is the mean loss of the training steps since the last evaluation
 
     def __post_init__(self):
         self.auto_data = self.data_dir is None  # only then may training prepare the data itself
@@ -105,6 +113,20 @@ class TrainConfig:
             raise ConfigError(f"parallel={self.parallel!r}: use ddp (a full copy per process) or fsdp (sharded)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
+        from helpers.inherit import COPY_MODES, STRATEGIES
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy={self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.copy not in COPY_MODES:
+            raise ConfigError(f"copy={self.copy!r}: choose one of {', '.join(COPY_MODES)}")
+        if self.layers is not None and self.strategy != "first":
+            raise ConfigError(f"layers={self.layers} and strategy={self.strategy!r}: give one of them, not both")
+        if self.layers is not None and self.n_layers is not None and self.n_layers != len(self.layers):
+            raise ConfigError(f"n_layers={self.n_layers} but layers lists {len(self.layers)} blocks; drop n_layers")
+        if self.calib_batches < 1:
+            raise ConfigError(f"calib_batches={self.calib_batches} must be at least 1")
+        if self.ckpt_interval is not None and (self.ckpt_interval < 0 or self.ckpt_interval % self.eval_interval):
+            raise ConfigError(f"ckpt_interval={self.ckpt_interval}: checkpoints are written at evaluations; give a "
+                              f"multiple of eval_interval={self.eval_interval}, 0 (the last step only) or None (every one)")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
             raise ConfigError(f"learning rates: need 0 <= min_lr ({self.min_lr}) <= learning_rate ({self.learning_rate})")
 
@@ -153,6 +175,9 @@ def coerce(name: str, typ, value):
         if optional:
             return None
         raise ConfigError(f"{name}: None is not allowed; give a {base.__name__}")
+    if typing.get_origin(base) is list and isinstance(value, (str, list, tuple)):  # "0,1,29", "[0, 1]" or a list
+        items = value.strip().strip("[]()").replace(",", " ").split() if isinstance(value, str) else value
+        return [coerce(f"{name}[{i}]", typing.get_args(base)[0], v) for i, v in enumerate(items)]
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -185,7 +210,8 @@ def coerce(name: str, typ, value):
             return str(value)
     except (TypeError, ValueError):
         pass
-    raise ConfigError(f"{name}={value!r} is not a valid {base.__name__}{' or None' if optional else ''}")
+    kind = getattr(base, "__name__", str(base))
+    raise ConfigError(f"{name}={value!r} is not a valid {kind}{' or None' if optional else ''}")
 
 
 def _coerce_list(name: str, typ, value, optional: bool):

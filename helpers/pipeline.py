@@ -52,9 +52,31 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# Settings of every preset: how notebook 03 trains (in its kernel, or launched with torchrun on
-# nproc_per_node processes, None: one per GPU, sharing the model as parallel=ddp|fsdp).
-COMMON = dict(launch_ddp=False, nproc_per_node=None, parallel="ddp")
+# Settings every preset has unless it says otherwise. Any TrainConfig field may also be given
+# (e.g. weight_decay=0.05); it goes to every training run. Notebook 03 trains in its kernel, or
+# launched with torchrun on nproc_per_node processes (None: one per GPU) sharing the model as parallel=ddp|fsdp.
+COMMON = dict(launch_ddp=False, nproc_per_node=None, parallel="ddp", strategy="first", copy="all", layers=None, calib_batches=8, strategy_val_tokens=None, compare=None,
+              grow=False, grow_start=None, grow_step=2, grow_tolerance=0.0, recipe=None)
+
+# The arms a comparison can train, each a set of TrainConfig overrides; every arm gets the same
+# budget and recipe. "child" is the inherited child of the `strategy` setting.
+ARMS: dict[str, dict] = {
+    "child": {"init": "inherit"},
+    "first": {"init": "inherit", "strategy": "first"},
+    "first+last": {"init": "inherit", "strategy": "first+last"},
+    "block-influence": {"init": "inherit", "strategy": "block-influence"},
+    "angular": {"init": "inherit", "strategy": "angular"},
+    "scratch": {"init": "scratch"},
+}
+
+# The paper's GPT-2 recipe (its repository's training script): AdamW (0.9, 0.95), weight decay 0.1,
+# lr 2e-4 cosine to 1e-5 after 2,000 warm-up steps, 48 x 1024 = 49,152 tokens per step, bf16,
+# 100k steps, and its copy of the weights (blocks, token embedding and head; the rest fresh).
+RECIPES: dict[str, dict] = {
+    "paper": dict(learning_rate=2e-4, min_lr=1e-5, warmup_iters=2000, max_iters=100_000, batch_size=12,
+                  grad_accum=4, block_size=1024, weight_decay=0.1, beta1=0.9, beta2=0.95, dtype="bfloat16",
+                  copy="paper", eval_interval=1000, eval_iters=50, eval_block_size=1024),
+}
 
 
 class NotebookFailed(HelpersError):
@@ -83,13 +105,32 @@ def settings(preset: str, overrides: dict) -> dict:
     import torch
     if torch.cuda.is_available():
         s.update(PRESETS[preset].get("gpu", {}))
-    unknown = sorted(set(overrides) - set(s))
+    from helpers.config import TrainConfig
+    unknown = sorted(set(overrides) - set(s) - set(TrainConfig.field_names()))
     if unknown:
-        raise ConfigError(f"unknown pipeline settings {unknown}; valid: {', '.join(sorted(s))}")
-    for k, v in overrides.items():
-        # the one key=value parser: true/false where the setting is a switch, else None, an int, a float or the text
-        s[k] = coerce(k, bool if isinstance(s[k], bool) else typing.Any, v)
+        raise ConfigError(f"unknown pipeline settings {unknown}; valid: {', '.join(sorted(s))} or any TrainConfig field")
+    # the one key=value parser: true/false where the setting is a switch, else None, an int, a float or the text
+    parsed = {k: coerce(k, bool if isinstance(s.get(k), bool) else typing.Any, v) if isinstance(v, str) else v
+              for k, v in overrides.items()}
+    recipe = parsed.get("recipe", s["recipe"])
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ConfigError(f"recipe={recipe!r}: choose one of {', '.join(RECIPES)} (or leave it out)")
+        s.update(RECIPES[recipe])
+    s.update(parsed)
+    if isinstance(s["layers"], (str, int)):
+        s["layers"] = coerce("layers", list[int] | None, str(s["layers"]))
+    arm_names(s)  # rejects unknown arms early
     return s
+
+
+def arm_names(s: dict) -> list[str]:
+    """The arms to train: the `compare` setting (comma-separated names of ARMS), default child and scratch."""
+    names = [a.strip() for a in str(s["compare"] or "child,scratch").split(",") if a.strip()]
+    unknown = [a for a in names if a not in ARMS]
+    if unknown or not names:
+        raise ConfigError(f"compare={s['compare']!r}: unknown arms {unknown}; choose among {', '.join(ARMS)}")
+    return names
 
 
 def run(preset: str = "demo", out: str | Path | None = None, overrides: dict | None = None,
@@ -104,11 +145,8 @@ def run(preset: str = "demo", out: str | Path | None = None, overrides: dict | N
     run_notebook("01_data.ipynb", run_dir, dict(source=s["source"], out_dir=str(data_dir), tokenizer=s["tokenizer"],
                                                 val_fraction=s["val_fraction"], max_tokens=s["max_tokens"],
                                                 max_docs=s["max_docs"]))
-    train_common = dict(data_dir=str(data_dir), max_iters=s["max_iters"], batch_size=s["batch_size"],
-                        block_size=s["block_size"], grad_accum=s["grad_accum"], learning_rate=s["learning_rate"],
-                        min_lr=s["min_lr"], warmup_iters=s["warmup_iters"], eval_interval=s["eval_interval"],
-                        eval_iters=s["eval_iters"], log_interval=5, parallel=s["parallel"],
-                        launch_ddp=s["launch_ddp"], nproc_per_node=s["nproc_per_node"])
+    train_common = {**train_settings(s, data_dir), "launch_ddp": s["launch_ddp"],
+                    "nproc_per_node": s["nproc_per_node"]}
     parent = s["parent"]
     if parent == "pretrain":  # Algorithm 2: pre-train the parent here, from scratch
         from helpers.checkpoint import save_checkpoint
@@ -119,41 +157,163 @@ def run(preset: str = "demo", out: str | Path | None = None, overrides: dict | N
         model.provenance = {"tokenizer": s["tokenizer"], "source": "random parent (pipeline)"}
         save_checkpoint(run_dir / "parent_init.pt", model)
         run_notebook("03_train.ipynb", run_dir, {**train_common, "init": str(run_dir / "parent_init.pt"),
-                                                 "out_dir": str(run_dir / "parent"), "max_iters": s["parent_iters"]},
+                                                 "out_dir": str(run_dir / "parent"), "max_iters": s["parent_iters"],
+                                                 "strategy": "first", "layers": None},
                      tag="parent")
         parent = str(run_dir / "parent")
+    if s["grow"]:
+        return run_grow(run_dir, preset, s, parent, data_dir, train_common, t0, update_readme)
     n_layers = s["n_layers"]
-    run_notebook("02_inherit.ipynb", run_dir, dict(parent=parent, n_layers=n_layers, out=str(run_dir / "child_init.pt"),
+    compare = s["compare"] is not None
+    run_notebook("02_inherit.ipynb", run_dir, dict(parent=parent, n_layers=n_layers, strategy=s["strategy"],
+                                                   layers=s["layers"], copy=s["copy"], data_dir=str(data_dir),
+                                                   calib_batches=s["calib_batches"], calib_block_size=s["block_size"],
+                                                   val_tokens=s["strategy_val_tokens"], out=str(run_dir / "child_init.pt"),
+                                                   images_dir=str(run_dir / "images"),
                                                    prompt=PROMPTS[0], max_new_tokens=s["max_new_tokens"]))
-    for init, folder in (("inherit", "child"), ("scratch", "scratch")):
-        run_notebook("03_train.ipynb", run_dir, {**train_common, "parent": parent, "n_layers": n_layers, "init": init,
-                                                 "out_dir": str(run_dir / folder)}, tag=folder)
-    models = {"parent": parent, "child, inherited (untrained)": str(run_dir / "child_init.pt"),
-              "child, inherited + trained": str(run_dir / "child"), "scratch, trained": str(run_dir / "scratch")}
+    arms = arm_names(s)
+    for arm in arms:
+        run_notebook("03_train.ipynb", run_dir, {**train_common, "parent": parent, "n_layers": n_layers,
+                                                 **ARMS[arm], "out_dir": str(run_dir / arm)}, tag=arm)
+    labels = {arm: arm_label(arm) for arm in arms}
+    models = {"parent": parent}
+    if not compare:  # the untrained child is in 02's strategies table too; evaluated again here as before
+        models["child, inherited (untrained)"] = str(run_dir / "child_init.pt")
+    models.update({labels[arm]: str(run_dir / arm) for arm in arms})
     run_notebook("04_eval.ipynb", run_dir, dict(models=models, data_dir=str(data_dir), out_dir=str(run_dir / "eval"),
                                                 block_size=s["eval_block_size"], prompts=PROMPTS,
                                                 max_new_tokens=s["max_new_tokens"], attention_tokens=s["attention_tokens"]))
     images = REPO / "images" if update_readme else run_dir / "images"
+    table = compare_table(run_dir, s, arms) if compare else None
     from helpers.checkpoint import read_sidecar
     kept = read_sidecar(run_dir / "child_init.pt")["provenance"]
     parent_name = Path(s["parent"]).name if s["parent"] != "pretrain" else "parent pre-trained here"
-    title = f"{preset}: {parent_name}, first {len(kept['layers'])} of {kept['parent_n_layer']} layers, vs scratch"
-    run_notebook("05_plots.ipynb", run_dir, dict(runs={"inherited child": str(run_dir / "child"),
-                                                       "scratch": str(run_dir / "scratch")},
-                                                 eval_dir=str(run_dir / "eval"), images_dir=str(images), title=title))
-    summary = summarize(run_dir, preset, s, time.time() - t0, images)
+    if compare:
+        title = f"{preset}: {parent_name}, {len(kept['layers'])} of {kept['parent_n_layer']} layers kept, same budget"
+    else:
+        title = f"{preset}: {parent_name}, first {len(kept['layers'])} of {kept['parent_n_layer']} layers, vs scratch"
+    untrained = {} if table is None else {f"{r['model']}": r["untrained_val_loss"] for r in table.to_dict("records")
+                                          if r["untrained_val_loss"] == r["untrained_val_loss"] and r["model"] != "parent"}
+    run_notebook("05_plots.ipynb", run_dir, dict(runs={labels[arm]: str(run_dir / arm) for arm in arms},
+                                                 eval_dir=str(run_dir / "eval"), images_dir=str(images), title=title,
+                                                 untrained=untrained,
+                                                 compare_csv=str(run_dir / "compare.csv") if compare else None))
+    if update_readme and (run_dir / "images" / "layer_scores.png").exists():
+        import shutil
+        shutil.copy(run_dir / "images" / "layer_scores.png", images / "layer_scores.png")
+    summary = summarize(run_dir, preset, s, time.time() - t0, images, table)
     if update_readme:
         write_readme_results(summary)
     print(f"[pipeline] finished in {summary['elapsed_s']:.0f} s; results in {run_dir}")
     return summary
 
 
-def summarize(run_dir: Path, preset: str, s: dict, elapsed: float, images: Path) -> dict:
+def train_settings(s: dict, data_dir) -> dict:
+    """Notebook 03's parameters common to every training run: the settings that are TrainConfig
+    fields (the pipeline's own max_tokens caps the data, not training)."""
+    from helpers.config import TrainConfig
+    skip = {"parent", "n_layers", "init", "out_dir", "data_dir", "max_tokens"}
+    common = {k: s[k] for k in TrainConfig.field_names() if k in s and k not in skip}
+    return {"data_dir": str(data_dir), "log_interval": 5, **common}
+
+
+def arm_label(arm: str) -> str:
+    """The name of an arm's trained model in tables and figures (the default two keep their old names)."""
+    if arm == "child":
+        return "child, inherited + trained"
+    if arm == "scratch":
+        return "scratch, trained"
+    return f"inherited ({arm}) + trained" if ARMS[arm].get("init") == "inherit" else f"{arm}, trained"
+
+
+def compare_table(run_dir: Path, s: dict, arms: list[str]):
+    """One row per strategy and per arm: kept blocks, parameters, tokens trained, val loss before and
+    after training (whole val split: notebook 02's untrained children, notebook 04's trained ones);
+    written to compare.csv."""
+    import pandas as pd
+    strategies = pd.read_csv(run_dir / "child_init_strategies.csv", index_col="strategy")
+    results = pd.read_csv(run_dir / "eval" / "eval.csv").set_index("model")
+    rows = [{"model": "parent", "blocks": "all", "params": int(results.loc["parent", "params"]), "tokens_trained": None,
+             "untrained_val_loss": None, "val_loss": float(results.loc["parent", "val_loss"])}]
+    trained = {ARMS[a].get("strategy", s["strategy"]) if ARMS[a].get("init") == "inherit" else None: a for a in arms}
+    child_params = int(results.loc[arm_label(arms[0]), "params"])
+    for strategy, row in strategies.iterrows():
+        arm = trained.get(strategy)
+        label = arm_label(arm) if arm else f"inherited ({strategy}), untrained"
+        rows.append({"model": label, "blocks": row["layers"], "params": child_params,
+                     "tokens_trained": int(results.loc[label, "tokens_seen"]) if arm else None,
+                     "untrained_val_loss": float(row["val_loss"]),
+                     "val_loss": float(results.loc[label, "val_loss"]) if arm else None})
+    for arm in arms:
+        if ARMS[arm].get("init") != "inherit":
+            label = arm_label(arm)
+            rows.append({"model": label, "blocks": "random init", "params": int(results.loc[label, "params"]),
+                         "tokens_trained": int(results.loc[label, "tokens_seen"]), "untrained_val_loss": None,
+                         "val_loss": float(results.loc[label, "val_loss"])})
+    table = pd.DataFrame(rows)
+    table.to_csv(run_dir / "compare.csv", index=False)
+    return table
+
+
+def run_grow(run_dir: Path, preset: str, s: dict, parent: str, data_dir: Path, train_common: dict, t0: float,
+             update_readme: bool) -> dict:
+    """The paper's Algorithm 2: train a child of n blocks; if its whole-split val loss is not at or
+    below the parent's (+ grow_tolerance), start again from the parent with n + grow_step, until n
+    reaches the parent's depth. Each round is a folder of executed notebooks."""
+    import pandas as pd
+    from helpers.checkpoint import load_model
+    from helpers.plots import plot_grow
+    depth = load_model(parent).config.n_layer
+    n = s["grow_start"] or max(1, depth // 2)
+    if not 1 <= n <= depth or s["grow_step"] < 1:
+        raise ConfigError(f"grow_start={n}, grow_step={s['grow_step']}: need 1 <= grow_start <= {depth} and grow_step >= 1")
+    eval_params = dict(data_dir=str(data_dir), block_size=s["eval_block_size"], prompts=PROMPTS[:1],
+                       max_new_tokens=s["max_new_tokens"], attention_tokens=s["attention_tokens"])
+    run_notebook("04_eval.ipynb", run_dir, dict(models={"parent": parent}, out_dir=str(run_dir / "eval"), **eval_params),
+                 tag="parent")
+    parent_val = float(pd.read_csv(run_dir / "eval" / "eval.csv")["val_loss"].iloc[0])
+    rounds, reached = [], None
+    while True:
+        folder = run_dir / f"grow_n{n:02d}"
+        folder.mkdir(exist_ok=True)
+        run_notebook("02_inherit.ipynb", folder, dict(parent=parent, n_layers=n, strategy=s["strategy"], copy=s["copy"],
+                                                      data_dir=str(data_dir) if s["strategy"] in ("block-influence", "angular") else None,
+                                                      calib_batches=s["calib_batches"], calib_block_size=s["block_size"],
+                                                      out=str(folder / "child_init.pt"), images_dir=str(folder / "images"),
+                                                      prompt=PROMPTS[0], max_new_tokens=s["max_new_tokens"]))
+        run_notebook("03_train.ipynb", folder, {**train_common, "parent": parent, "n_layers": n, "init": "inherit",
+                                                "out_dir": str(folder / "child")})
+        run_notebook("04_eval.ipynb", folder, dict(models={f"child, {n} blocks": str(folder / "child")},
+                                                   out_dir=str(folder / "eval"), **eval_params))
+        result = pd.read_csv(folder / "eval" / "eval.csv").iloc[0]
+        rounds.append({"n_layers": n, "val_loss": float(result["val_loss"]), "tokens": int(result["tokens_seen"])})
+        print(f"[pipeline] grow: {n} blocks -> val loss {result['val_loss']:.3f} (parent {parent_val:.3f})", flush=True)
+        if result["val_loss"] <= parent_val + s["grow_tolerance"]:
+            reached = n
+            break
+        if n >= depth:
+            break
+        n = min(depth, n + s["grow_step"])
+    images = REPO / "images" if update_readme else run_dir / "images"
+    plot_grow(rounds, parent_val, path=images / "grow.png",
+              title=f"{preset}: the paper's Algorithm 2, +{s['grow_step']} blocks per round")
+    summary = {"preset": preset, "settings": s, "elapsed_s": round(time.time() - t0, 1), "machine": machine(),
+               "date": time.strftime("%Y-%m-%d"), "parent_val_loss": parent_val, "grow": rounds,
+               "grow_reached": reached, "images": [str(images / "grow.png")]}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"[pipeline] grow finished in {summary['elapsed_s']:.0f} s: "
+          f"{'reached the parent at ' + str(reached) + ' blocks' if reached else 'did not reach the parent'}")
+    return summary
+
+
+def summarize(run_dir: Path, preset: str, s: dict, elapsed: float, images: Path, table=None) -> dict:
     import pandas as pd
     results = pd.read_csv(run_dir / "eval" / "eval.csv")
     summary = {"preset": preset, "settings": s, "elapsed_s": round(elapsed, 1), "machine": machine(),
                "date": time.strftime("%Y-%m-%d"), "results": results.to_dict(orient="records"),
                "images": sorted(str(p) for p in images.glob("*.png"))}
+    if table is not None:
+        summary["compare"] = json.loads(table.to_json(orient="records"))
     (run_dir / "summary.json").write_text(json.dumps(finite_or_null(summary), indent=1, default=str, allow_nan=False))
     return summary
 
@@ -195,6 +355,8 @@ def write_readme_results(summary: dict) -> None:
     start, end = "<!-- results:start -->", "<!-- results:end -->"
     if start not in text or end not in text:
         raise ConfigError(f"{readme}: no {start} ... {end} section to fill")
+    if summary.get("compare"):
+        return write_readme_compare(summary, readme, text, start, end)
     rows = ["| model | layers | parameters | tokens trained | val loss | perplexity |", "|---|---:|---:|---:|---:|---:|"]
     for r in summary["results"]:
         seen = "" if r.get("tokens_seen") in (None, "") or r["tokens_seen"] != r["tokens_seen"] else f"{int(r['tokens_seen']):,}"
@@ -209,6 +371,33 @@ def write_readme_results(summary: dict) -> None:
         f"{s['max_iters']} steps x {s['batch_size'] * s['block_size'] * s['grad_accum']:,} tokens (the parent's own "
         "pre-training is not counted).",
         "", *rows, "", "![loss curves](images/loss_curves.png)", end])
+    readme.write_text(text[:text.index(start)] + body + text[text.index(end) + len(end):])
+
+
+def write_readme_compare(summary: dict, readme: Path, text: str, start: str, end: str) -> None:
+    """The README's results section for a comparison: one row per strategy and arm, the recipe, the figures."""
+    s = summary["settings"]
+    num = lambda v, f="{:.3f}": "" if v is None or v != v else f.format(v)  # noqa: E731
+    rows = ["| model | blocks kept | parameters | tokens trained | val loss, untrained | val loss, trained |",
+            "|---|---|---:|---:|---:|---:|"]
+    for r in summary["compare"]:
+        trained = num(r["val_loss"]) if r["model"] != "parent" else ""
+        untrained = num(r["untrained_val_loss"]) if r["model"] != "parent" else num(r["val_loss"])
+        rows.append(f"| {r['model']} | {r['blocks']} | {r['params'] / 1e6:.1f} M | {num(r['tokens_trained'], '{:,.0f}')} | "
+                    f"{untrained} | {trained} |")
+    tokens_per_step = s["batch_size"] * s["block_size"] * s["grad_accum"]
+    val_tokens = summary["results"][0]["val_tokens"]
+    body = "\n".join([
+        start,
+        f"Generated by `python -m helpers.pipeline --preset {summary['preset']} --update-readme` on {summary['date']}, "
+        f"{summary['machine']}, in {summary['elapsed_s'] / 60:.1f} minutes (whole pipeline: data, scores, every "
+        f"notebook, evaluation and plots). Val loss is over the whole validation split ({val_tokens:,} tokens); the "
+        f"parent's is in the untrained column. Every trained arm ran the same recipe: {s['max_iters']} steps x "
+        f"{tokens_per_step:,} tokens ({s['batch_size']} x {s['block_size']}), AdamW lr {s['learning_rate']:g} "
+        f"(warm-up {s['warmup_iters']} steps, cosine to {s['min_lr']:g}), weight decay "
+        f"{s.get('weight_decay', 0.1):g}, gradient clipping 1.0, float32; scores from {s['calib_batches']} x "
+        f"{s['block_size']} train-split tokens.",
+        "", *rows, "", "![loss curves](images/loss_curves.png)", "", "![layer scores](images/layer_scores.png)", end])
     readme.write_text(text[:text.index(start)] + body + text[text.index(end) + len(end):])
 
 

@@ -18,11 +18,15 @@ def _save(fig, path):
 
 
 def plot_loss_curves(runs: dict, reference: dict | None = None, title: str = "Loss against tokens seen",
-                     path=None, log_y: bool = True):
+                     path=None, log_y: bool = True, untrained: dict | None = None):
     """Loss against tokens seen for each {name: run folder}: val solid, train dashed, one colour
-    per run. `reference` draws horizontal lines, e.g. {"parent val loss": 1.3}. The loss axis is
+    per run. `reference` draws horizontal lines, e.g. {"parent val loss": 1.3}; `untrained` marks
+    {name: val loss} at zero tokens (e.g. every strategy's child before training). The loss axis is
     logarithmic by default: an inherited child starts very high and ends close to its parent."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    for j, (name, value) in enumerate((untrained or {}).items()):
+        ax.scatter([0], [value], marker=["x", "+", "1", "2", "3", "4"][j % 6], s=70, color="k", zorder=4,
+                   label=f"{name}: {value:.2f}")
     for i, (name, run) in enumerate(runs.items()):
         m = read_metrics(run)
         colour = f"C{i}"
@@ -71,4 +75,55 @@ def plot_attention_rank(table: pd.DataFrame, title: str, path=None):
     ax.set_yticks(range(grid.shape[0]), [f"{l}{' (lazy)' if l in lazy else ''}" for l in grid.index], fontsize=7)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="rank for 90% energy / T")
+    return _save(fig, path)
+
+
+SCORE_LABELS = {"block_influence": "block influence (1 - cos in/out)", "angular_distance": "angular distance of the window starting here",
+                "attention_rank": "attention rank (90% energy, mean over heads)", "early_exit_loss": "early-exit loss (blocks 0..i)"}
+
+
+def plot_layer_scores(scores: pd.DataFrame, kept: list[int] | dict, title: str = "Layer scores of the parent", path=None):
+    """The four scores of `helpers.inherit.layer_scores` against block index, one panel each.
+    `kept`: the kept block indices, or {strategy name: kept indices} to mark several choices
+    (filled markers on the first one's kept blocks, one row of ticks per strategy below each panel)."""
+    choices = kept if isinstance(kept, dict) else {"kept": list(kept)}
+    first = next(iter(choices.values()))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharex=True)
+    blocks = scores.index.to_numpy()
+    for ax, column in zip(axes.flat, SCORE_LABELS):
+        values = scores[column]
+        ax.plot(blocks, values, "-", color="0.6", lw=1)
+        keep = [b in first for b in blocks]
+        ax.scatter(blocks[keep], values[keep], color="C0", s=22, zorder=3, label=f"{next(iter(choices))}: kept")
+        ax.scatter(blocks[[not k for k in keep]], values[[not k for k in keep]], facecolors="none", edgecolors="C3",
+                   s=22, zorder=3, label="dropped")
+        lo, hi = ax.get_ylim()
+        for j, (name, layers) in enumerate(choices.items()):  # one row of ticks per strategy, under the curve
+            y = lo - (j + 1) * 0.07 * (hi - lo)
+            ax.plot(layers, [y] * len(layers), "|", color=f"C{j}", ms=7, mew=2, label=f"{name}" if len(choices) > 1 else None)
+        ax.set_ylim(lo - (len(choices) + 1) * 0.07 * (hi - lo), hi)
+        ax.set_title(SCORE_LABELS[column], fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("parent block")
+    axes[0, 0].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_grow(rounds: list[dict], parent_val_loss: float, title: str = "Growing the child until it reaches its parent",
+              path=None):
+    """The grow loop's rounds: whole-split val loss of each trained child against its number of
+    blocks, with the parent's val loss as the line to reach."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    n = [r["n_layers"] for r in rounds]
+    ax.plot(n, [r["val_loss"] for r in rounds], "-o", color="C0", label="child after training")
+    ax.axhline(parent_val_loss, color="k", ls="-.", lw=1.2, label=f"parent = {parent_val_loss:.2f}")
+    ax.set_xticks(n)
+    ax.set_xlabel("blocks kept (n)")
+    ax.set_ylabel("val loss (whole val split)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)

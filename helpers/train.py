@@ -29,7 +29,7 @@ from helpers.checkpoint import atomic_write, load_model, load_training_state, sa
 from helpers.data import get_batch, open_split, prepare, read_meta
 from helpers.errors import ConfigError, DataError, HelpersError
 from helpers.generic import scratch_like
-from helpers.inherit import inherit
+from helpers.inherit import SCORE_OF, calibration_tokens, inherit
 from helpers.model import GPT
 
 
@@ -125,9 +125,15 @@ def build_model(cfg: TrainConfig) -> tuple[GPT, dict | None]:
         return load_model(ck), load_training_state(ck)
     if cfg.init in ("inherit", "scratch"):
         parent = load_model(cfg.parent)
-        n = cfg.n_layers or max(1, parent.config.n_layer // 2)
+        n = cfg.n_layers or (len(cfg.layers) if cfg.layers else max(1, parent.config.n_layer // 2))
         try:
-            child = inherit(parent, n)
+            if cfg.init == "scratch":  # the shape is all that counts
+                child = inherit(parent, n)
+            else:
+                tokens = calibration_tokens(cfg.data_dir, cfg.calib_batches, min(cfg.block_size, parent.config.block_size),
+                                            cfg.seed) \
+                    if cfg.strategy in SCORE_OF and cfg.layers is None else None
+                child = inherit(parent, n, cfg.layers, cfg.strategy, cfg.copy, tokens)
         except ValueError as e:
             raise ConfigError(f"n_layers: {e}") from None
         if cfg.init == "scratch":
@@ -198,10 +204,13 @@ def check_out_dir(out_dir: Path, model: GPT) -> None:
 @torch.no_grad()
 def estimate_loss(model, splits: dict, cfg: TrainConfig, step: int, device, autocast) -> dict:
     """Mean loss over eval_iters random batches per split, drawn from a generator seeded by
-    (seed, step): the same batches whatever happened before, and the training sampler is untouched."""
+    (seed, step): the same batches whatever happened before, and the training sampler is untouched.
+    With eval_train=False only val is estimated (train_loss then comes from the training steps)."""
     model.eval()
     out = {}
     for name, data in splits.items():
+        if name == "train" and not cfg.eval_train:
+            continue
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 2 + (name == "val"))
         losses = torch.zeros(cfg.eval_iters, device=device)
         for k in range(cfg.eval_iters):
@@ -254,11 +263,11 @@ def train(cfg: TrainConfig) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
-    model, state = build_model(cfg)
-    meta = ensure_data(cfg) if rank == 0 else None
+    meta = ensure_data(cfg) if rank == 0 else None  # before the model: scored strategies read train tokens
     if ddp:
         dist.barrier()
         meta = read_meta(cfg.data_dir)
+    model, state = build_model(cfg)
     check_data_fits_model(meta, model, cfg.data_dir)
     if cfg.block_size > model.config.block_size:
         raise ConfigError(f"block_size={cfg.block_size} exceeds the model's context of {model.config.block_size}")
@@ -306,16 +315,20 @@ def train(cfg: TrainConfig) -> dict:
     record, resumed_at = {}, step if state is not None else None
     t_start, tokens_timed = time.time(), 0
     t_window = time.time()
+    train_sum, train_steps = torch.zeros((), device=device), 0  # training losses since the last evaluation
     while True:
         if (step % cfg.eval_interval == 0 or step == total) and step != resumed_at:
             losses = estimate_loss(model, splits, cfg, step, device, autocast)
+            if not cfg.eval_train:  # the mean loss of this process's training steps since the last evaluation
+                losses["train"] = (train_sum / train_steps).item() if train_steps else None
+                train_sum, train_steps = torch.zeros((), device=device), 0
             now = time.time()
             tps = tokens_timed / (now - t_window) if tokens_timed else None
             record = {"step": step, "tokens": tokens_seen, "lr": lr_at(min(step, total - 1), cfg, total),
                       "train_loss": losses["train"], "val_loss": losses["val"],
                       "tokens_per_s": tps, "mfu": mfu(tps, flops_per_step / tokens_per_step, peak, world),
                       "elapsed_s": round(elapsed_before + now - t_start, 3), "init": cfg.init}
-            if not all(map(math.isfinite, (losses["train"], losses["val"]))):
+            if not all(math.isfinite(v) for v in (losses["train"], losses["val"]) if v is not None):
                 raise FloatingPointError(f"step {step}: evaluation loss is {losses}; training diverged. The last "
                                          f"good checkpoint is kept in {out_dir}; lower learning_rate")
             # sharded: every process takes part in gathering the full weights and AdamW state
@@ -330,14 +343,18 @@ def train(cfg: TrainConfig) -> dict:
                                  val_loss=losses["val"], train_loss=losses["train"], elapsed_s=record["elapsed_s"],
                                  train_config=dataclasses.asdict(cfg), data_meta={"source": meta["source"],
                                                                                  "tokenizer": meta["tokenizer"]})
-                path = save_checkpoint(out_dir / f"step_{step:07d}.pt", saved_model, **state_out)
-                if improved:
-                    for src, dst in ((path, out_dir / "best.pt"), (path.with_suffix(".json"), out_dir / "best.json")):
-                        link_or_copy(src, dst)
+                if checkpoint_due(step, total, cfg):
+                    path = save_checkpoint(out_dir / f"step_{step:07d}.pt", saved_model, **state_out)
+                    if improved:
+                        for src, dst in ((path, out_dir / "best.pt"), (path.with_suffix(".json"), out_dir / "best.json")):
+                            link_or_copy(src, dst)
+                elif improved:  # weights only: a third of a resumable checkpoint's bytes
+                    state_out.pop("optimizer")
+                    save_checkpoint(out_dir / "best.pt", saved_model, **state_out)
                 for old in sorted(out_dir.glob("step_*.pt"))[:-cfg.keep_last]:
                     old.unlink()
                     old.with_suffix(".json").unlink(missing_ok=True)
-            bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}",
+            bar.set_postfix(train=f"{losses['train']:.3f}" if losses["train"] is not None else "-", val=f"{losses['val']:.3f}",
                             tok_s=f"{tps:,.0f}" if tps else "-", refresh=False)
             t_window, tokens_timed = time.time(), 0
         if step >= total:
@@ -359,6 +376,8 @@ def train(cfg: TrainConfig) -> dict:
                 loss = loss / cfg.grad_accum
             scaler.scale(loss).backward() if not ddp else scaler.scale(loss * world).backward()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+            if not cfg.eval_train:
+                train_sum += loss.detach().float()
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
@@ -366,6 +385,7 @@ def train(cfg: TrainConfig) -> dict:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        train_steps += 1
         tokens_seen += tokens_per_step
         tokens_timed += tokens_per_step
         if step % cfg.log_interval == 0 or step == total:
@@ -480,6 +500,13 @@ def launch(cfg: TrainConfig, nproc_per_node: int | None = None) -> list[str]:
     if proc.wait() != 0:
         raise subprocess.CalledProcessError(proc.returncode, shlex.join(cmd))
     return cmd
+
+
+def checkpoint_due(step: int, total: int, cfg: TrainConfig) -> bool:
+    """Whether the evaluation at `step` also writes a resumable checkpoint (weights + optimizer)."""
+    if step >= total or cfg.ckpt_interval is None:
+        return True
+    return cfg.ckpt_interval > 0 and step % cfg.ckpt_interval == 0
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -82,3 +82,21 @@ def test_03_launches_ddp_on_kaggle_layout(tiny_run_inputs, tmp_path, monkeypatch
     assert list(two["step"]) == [0, 2, 4] and one["step"] == 4
     for name in ("train_loss", "val_loss"):
         assert list(two[name]) == pytest.approx(list(read_metrics(tmp_path / "one")[name]), rel=1e-5)
+
+
+def test_02_scores_strategies_and_figure(gpt2_vocab_parent, tmp_path):
+    from helpers.checkpoint import read_sidecar
+    from helpers.data import prepare
+    prepare("stdlib", tmp_path / "data", max_docs=20, val_fraction=0.3, progress=False)
+    nb = run_notebook("02_inherit.ipynb", tmp_path, parent=str(gpt2_vocab_parent), n_layers=2, strategy="angular",
+                      data_dir=str(tmp_path / "data"), calib_batches=2, calib_block_size=32, val_tokens=256,
+                      out="child.pt", images_dir="img")
+    assert (tmp_path / "img" / "layer_scores.png").stat().st_size > 5000
+    assert any("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
+    import pandas as pd
+    table = pd.read_csv(tmp_path / "child_strategies.csv", index_col="strategy")
+    assert list(table.index) == ["first", "first+last", "block-influence", "angular"] and table["val_loss"].notna().all()
+    scores = json.loads((tmp_path / "child_scores.json").read_text())
+    side = read_sidecar(tmp_path / "child.pt")["provenance"]
+    assert side["selection"]["strategy"] == "angular" and side["selection"]["scores"] == scores
+    assert str(side["layers"]) == table.loc["angular", "layers"]

@@ -90,3 +90,69 @@ def test_summary_json_has_null_not_nan(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
     assert summary["results"][0]["tokens_seen"] is None and summary["results"][1]["tokens_seen"] == 1000
     assert summary["settings"]["lr"] is None
+
+
+# ---- comparison of strategies and the grow loop (issue 11) ------------------------------------
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "run"
+    return run("smoke", out, {"compare": "first,angular,scratch", "max_iters": 6, "parent_iters": 20,
+                              "eval_interval": 3, "calib_batches": 2}), out
+
+
+def test_compare_trains_every_arm_on_the_same_budget(compared):
+    import pandas as pd
+    from helpers.checkpoint import read_sidecar
+    summary, out = compared
+    for arm in ("first", "angular", "scratch"):
+        assert (out / f"03_train_{arm}.ipynb").exists()
+    table = pd.read_csv(out / "compare.csv").set_index("model")
+    trained = table[table["val_loss"].notna() & (table.index != "parent")]
+    assert set(trained.index) == {"inherited (first) + trained", "inherited (angular) + trained", "scratch, trained"}
+    assert trained["tokens_trained"].nunique() == 1 and trained["tokens_trained"].iloc[0] == 6 * 8 * 64
+    # every strategy's untrained child is listed, the trained ones with the blocks notebook 02 chose for them
+    strategies = pd.read_csv(out / "child_init_strategies.csv", index_col="strategy")
+    assert table["untrained_val_loss"].notna().sum() == len(strategies) == 4
+    side = read_sidecar(sorted((out / "angular").glob("step_*.pt"))[-1])["provenance"]
+    assert str(side["layers"]) == strategies.loc["angular", "layers"] == table.loc["inherited (angular) + trained", "blocks"]
+    assert side["selection"]["strategy"] == "angular" and "angular_distance" in side["selection"]["scores"]
+    evals = pd.read_csv(out / "eval" / "eval.csv").set_index("model")
+    assert table.loc["scratch, trained", "val_loss"] == pytest.approx(evals.loc["scratch, trained", "val_loss"])
+    assert (out / "images" / "loss_curves.png").stat().st_size > 5000
+    assert (out / "images" / "layer_scores.png").stat().st_size > 5000
+    assert summary["compare"] and len(summary["compare"]) == len(table)
+
+
+def test_compare_table_goes_to_a_readme(compared, tmp_path):
+    from helpers.pipeline import write_readme_compare
+    summary, _ = compared
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nrest\n")
+    write_readme_compare(summary, readme, readme.read_text(), "<!-- results:start -->", "<!-- results:end -->")
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro") and text.rstrip().endswith("rest")
+    assert "| inherited (angular) + trained |" in text and "6 steps x 512 tokens" in text
+
+
+def test_unknown_arm_is_refused(tmp_path, capsys):
+    assert main(["--preset", "smoke", "--out", str(tmp_path / "z"), "compare=first,best"]) == 1
+    assert "unknown arms ['best']" in capsys.readouterr().err
+
+
+def test_grow_loop_adds_blocks_until_the_parent_is_reached(tmp_path):
+    from helpers.pipeline import settings
+    out = tmp_path / "grow"
+    summary = run("smoke", out, {"grow": "true", "grow_start": 2, "grow_step": 2, "max_iters": 4, "parent_iters": 10,
+                                 "eval_interval": 4})
+    rounds, parent_val = summary["grow"], summary["parent_val_loss"]
+    assert [r["n_layers"] for r in rounds] == [2, 4][:len(rounds)] and rounds
+    tol = settings("smoke", {})["grow_tolerance"]
+    reached = [r["n_layers"] for r in rounds if r["val_loss"] <= parent_val + tol]
+    assert summary["grow_reached"] == (reached[0] if reached else None)
+    assert all(r["val_loss"] > parent_val + tol for r in rounds[:-1])  # it stopped at the first success
+    for r in rounds:
+        folder = out / f"grow_n{r['n_layers']:02d}"
+        assert {p.name for p in folder.glob("*.ipynb")} == {"02_inherit.ipynb", "03_train.ipynb", "04_eval.ipynb"}
+        assert r["tokens"] == 4 * 8 * 64
+    assert (out / "images" / "grow.png").stat().st_size > 5000
+    assert json.loads((out / "summary.json").read_text())["grow"] == rounds

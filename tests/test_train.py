@@ -288,3 +288,82 @@ def test_lists_and_quoted_text_parse():
     assert coerce("layers", list[int] | None, "none") is None and coerce("init", str, '"none"') == "none"
     with pytest.raises(ConfigError, match=r"layers\[1\]='x' is not a valid int"):
         coerce("layers", list[int], "0,x")
+
+
+# ---- layer choice and checkpoint cadence (issue 11) ------------------------------------------
+def test_strategy_and_layers_reach_the_child_and_its_sidecar(setup, tmp_path):
+    from helpers.inherit import calibration_tokens, inherit
+    cfg = tiny(setup, tmp_path / "a", strategy="angular", max_iters=2, calib_batches=3)
+    train(cfg)
+    side = read_sidecar(tmp_path / "a" / "step_0000002.pt")
+    sel = side["provenance"]["selection"]
+    assert sel["strategy"] == "angular" and len(sel["scores"]["block_influence"]) == 4
+    # the scores came from train-split calibration tokens: the same call gives the same kept blocks
+    parent = load_model(setup / "parent.pt")
+    tokens = calibration_tokens(setup / "data", 3, 32, cfg.seed)
+    assert side["provenance"]["layers"] == inherit(parent, 2, strategy="angular", tokens=tokens).provenance["layers"]
+    train(tiny(setup, tmp_path / "b", layers="0,3", n_layers=None, max_iters=2))
+    assert read_sidecar(tmp_path / "b" / "step_0000002.pt")["provenance"]["layers"] == [0, 3]
+
+
+def test_calibration_tokens_come_from_the_train_split(setup):
+    import numpy as np
+    from helpers.data import open_split
+    from helpers.inherit import calibration_tokens
+    x = calibration_tokens(setup / "data", 4, 16, seed=1)
+    assert x.shape == (4, 16) and torch.equal(x, calibration_tokens(setup / "data", 4, 16, seed=1))
+    train_ids = np.asarray(open_split(setup / "data", "train"))
+    windows = {tuple(train_ids[i:i + 16]) for i in range(len(train_ids) - 16)}
+    assert all(tuple(row.tolist()) in windows for row in x)
+
+
+def test_layer_config_errors():
+    with pytest.raises(ConfigError, match="strategy='middle'"):
+        TrainConfig.from_dict({"strategy": "middle"})
+    with pytest.raises(ConfigError, match="not both"):
+        TrainConfig.from_dict({"strategy": "angular", "layers": "[0, 1]"})
+    with pytest.raises(ConfigError, match=r"layers\[1\]='x'"):
+        TrainConfig.from_dict({"layers": "0,x"})
+    with pytest.raises(ConfigError, match="ckpt_interval=3"):
+        TrainConfig.from_dict({"ckpt_interval": 3, "eval_interval": 2})
+    assert TrainConfig.from_dict({"layers": [0, 5]}).layers == [0, 5]
+
+
+def test_last_only_checkpoints_and_free_train_loss(setup, tmp_path):
+    """ckpt_interval=0: one resumable checkpoint at the end, best.pt weights-only in between;
+    eval_train=False: train_loss is the mean of the steps' own losses, val the same as before."""
+    a = train(tiny(setup, tmp_path / "a", max_iters=6))
+    b = train(tiny(setup, tmp_path / "b", max_iters=6, ckpt_interval=0, eval_train=False))
+    assert sorted(p.name for p in (tmp_path / "b").glob("step_*.pt")) == ["step_0000006.pt"]
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)
+    rows = read_metrics(tmp_path / "b")
+    assert rows["train_loss"].isna().tolist() == [True, False, False, False]
+    best = read_sidecar(tmp_path / "b" / "best.pt")
+    assert best["val_loss"] == rows["val_loss"].min() and "optimizer" not in load_training_state_keys(tmp_path / "b" / "best.pt")
+    # the recorded train loss is the mean of the training steps' losses: recompute steps 1..2 by hand
+    cfg = tiny(setup, tmp_path / "c", max_iters=6)
+    from helpers.train import build_model, configure_optimizer, lr_at
+    from helpers.data import get_batch, open_split
+    torch.manual_seed(cfg.seed)
+    model, _ = build_model(cfg)
+    model.train()
+    opt = configure_optimizer(model, cfg, torch.device("cpu"))
+    sampler = torch.Generator().manual_seed(cfg.seed)
+    data = open_split(cfg.data_dir, "train")
+    seen = []
+    for step in range(2):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg, 6)
+        x, y = get_batch(data, cfg.block_size, cfg.batch_size, sampler)
+        loss = model(x, y)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seen.append(loss.item())
+    assert rows["train_loss"].iloc[1] == pytest.approx(sum(seen) / 2, rel=1e-5)
+
+
+def load_training_state_keys(path):
+    from helpers.checkpoint import load_training_state
+    return set(load_training_state(path))
