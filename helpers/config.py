@@ -1,6 +1,7 @@
 """The training configuration: one dataclass, TrainConfig, whose fields are notebook 03's
 parameters, the command line's key=value pairs (`python -m helpers.train`) and the YAML keys of
-`--config`; `coerce` turns user text into each field's type, and nothing else parses it.
+`--config`; `coerce` turns user text into each field's type, and nothing else parses it (the
+pipeline's settings too); `TrainConfig.to_args` and `to_text` write a config back as that text.
 """
 from __future__ import annotations
 
