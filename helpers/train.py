@@ -408,7 +408,12 @@ def shard_model(model: GPT, device: torch.device) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in model.transformer.h:
+    if isinstance(model, GPT):
+        blocks = model.transformer.h
+    else:  # a transformers model (generic path): its one list of blocks
+        from helpers.generic import find_blocks
+        blocks = find_blocks(model.hf, "parallel=fsdp")[2]
+    for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
 

@@ -187,3 +187,26 @@ def test_attention_diagnostic_names_the_generic_model(pair):
     _, parent, _ = pair
     with pytest.raises(ConfigError, match=f"'{parent.hf.config.model_type}' model is on the generic path"):
         attention_maps(parent, tokens(n=1, t=8))
+
+
+def test_fsdp_shards_a_generic_model_by_its_own_blocks(tmp_path):
+    """parallel=fsdp on a transformers model: each of its blocks is one FSDP unit and the sharded
+    model computes the same loss (a one-process group in this process)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from helpers.generic import find_blocks
+    from helpers.train import shard_model
+    make_hf("GPTNeoXConfig", tmp_path)
+    model = load_model(tmp_path)
+    x, y = tokens(2, 16), tokens(2, 16, seed=2)
+    with torch.no_grad():
+        expected = model(x, y)[1]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        shard_model(model, torch.device("cpu"))
+        blocks = find_blocks(model.hf, "test")[2]
+        assert all(isinstance(b, FSDPModule) for b in blocks) and isinstance(model, FSDPModule)
+        with torch.no_grad():
+            assert torch.allclose(model(x, y)[1], expected, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
