@@ -17,26 +17,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from helpers.checkpoint import load_model, read_sidecar, resolve
 from helpers.data import iter_sequential, open_split
+from helpers.head_loss import cross_entropy_sum
 from helpers.model import GPT
 
 
 @torch.no_grad()
 def val_loss_full(model: GPT, data_dir, block_size: int = 256, batch_size: int = 8, device="cpu",
                   max_tokens: int | None = None) -> dict:
-    """Mean next-token loss over the whole val split (or its first max_tokens tokens)."""
+    """Mean next-token loss over the whole val split (or its first max_tokens tokens). Only the loss
+    is computed (helpers.head_loss.cross_entropy_sum): no (tokens, vocab) logits are kept."""
     model.eval()
     data = open_split(data_dir, "val")
     total_loss, count = 0.0, 0
     block_size = min(block_size, model.config.block_size)
     for x, y in iter_sequential(data, block_size, batch_size, device, max_tokens):
-        logits, _ = model(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="sum")
+        loss, n = cross_entropy_sum(model.hidden(x).flatten(0, 1), model.lm_head.weight, y.flatten(), model._workspace)
         total_loss += loss.item()
-        count += int((y >= 0).sum())
+        count += n
     mean = total_loss / count
     return {"val_loss": mean, "perplexity": math.exp(min(mean, 50.0)), "val_tokens": count}
 
