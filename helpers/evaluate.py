@@ -193,3 +193,12 @@ def downstream(models: dict, tasks: list[str], limit: int | float | None = None,
                          "acc_stderr": get("acc_stderr"), "acc_norm_stderr": get("acc_norm_stderr"),
                          "n": out.get("n-samples", {}).get(task, {}).get("effective")})
     return pd.DataFrame(rows, columns=["model", "task", "acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n"])
+
+
+def merge_downstream(results: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """results (one row per model, as evaluate_models) with the downstream scores as columns
+    `<task>_acc` and `<task>_acc_norm` (the latter only for tasks that have it), for eval.csv."""
+    wide = scores.pivot(index="model", columns="task", values=["acc", "acc_norm"])
+    wide = wide.dropna(axis=1, how="all")
+    wide.columns = [f"{task}_{metric}" for metric, task in wide.columns]
+    return results.merge(wide[sorted(wide.columns)], left_on="model", right_index=True, how="left")

@@ -110,3 +110,19 @@ def test_harness_accuracy_equals_ours_from_our_log_likelihoods(family, tmp_path)
     assert df.loc["tiny_mc", "acc_norm"] == pytest.approx(right_norm / 4)
     assert df.loc["tiny_next_word", "acc"] == pytest.approx(greedy_right / 3)
     assert list(df["n"]) == [4, 3] and (df["model"] == "tiny").all()
+
+
+def test_scores_merge_into_eval_table_and_plot():
+    import pandas as pd
+
+    from helpers.evaluate import merge_downstream
+    from helpers.plots import plot_downstream
+    scores = pd.DataFrame({"model": ["child", "child", "scratch", "scratch"], "task": ["mc", "word"] * 2,
+                           "acc": [0.5, 0.25, 0.75, 0.0], "acc_norm": [0.6, float("nan"), 0.7, float("nan")]})
+    results = pd.DataFrame({"model": ["scratch", "child"], "val_loss": [3.0, 2.5]})
+    merged = merge_downstream(results, scores).set_index("model")
+    assert list(merged.columns) == ["val_loss", "mc_acc", "mc_acc_norm", "word_acc"]
+    assert merged.loc["child", "mc_acc_norm"] == 0.6 and merged.loc["scratch", "word_acc"] == 0.0
+    fig = plot_downstream(scores)
+    heights = [b.get_height() for b in fig.axes[0].patches]
+    assert heights == pytest.approx([50, 25, 37.5, 75, 0, 37.5])  # child (mc, word, mean), then scratch
