@@ -168,11 +168,11 @@ def load_teacher(cfg: TrainConfig, student: GPT, device) -> GPT:
     vocabulary or tokenizer is refused: its probabilities would be over other tokens."""
     source = cfg.parent if cfg.teacher == "parent" else cfg.teacher
     teacher = load_model(source)
+    from helpers.tokenizer import get_encoding
     mine, theirs = student.provenance.get("tokenizer"), teacher.provenance.get("tokenizer")
     names = []
     for tok in (mine, theirs):
         try:
-            from helpers.tokenizer import get_encoding
             names.append(get_encoding(None if tok in (None, "gpt2") else tok).name if tok else None)
         except HelpersError:
             names.append(None)  # the tokenizer source is gone: the vocabulary size check still holds
