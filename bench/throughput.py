@@ -1,6 +1,8 @@
 """Training and evaluation throughput: our GPT against transformers (sdpa attention), same weights.
 
-Training steps (forward + backward + AdamW) and no-grad forward passes, float32 on CPU, the
+Training steps (forward + backward + AdamW), no-grad forward passes, and the loss alone as the
+whole-split validation loss computes it (ours: final hidden states + helpers.head_loss's loss-only
+head, no (tokens, vocab) logits kept; transformers: its `labels=` path), float32 on CPU, the
 contenders alternated, with warm-up and medians.
 
     python bench/throughput.py --family gpt2    # GPT2LMHeadModel at (6 layers, 384 dims, 6 heads,
@@ -17,6 +19,7 @@ import torch
 from _common import alternate, print_table, write_json
 
 from helpers.checkpoint import CheckpointError, export_hf, load_model
+from helpers.head_loss import cross_entropy_sum
 from helpers.inherit import inherit
 from helpers.model import GPT, GPTConfig, llama_config
 
@@ -85,11 +88,23 @@ def main():
             return model(inp)[0] if name.startswith("ours") else model(input_ids=inp).logits
         return step
 
+    def val_loss_fn(name, model):
+        @torch.no_grad()
+        def step():
+            model.eval()
+            if name.startswith("ours"):  # what helpers.evaluate.val_loss_full computes per batch
+                raw = getattr(model, "_orig_mod", model)
+                return cross_entropy_sum(model.hidden(inp).flatten(0, 1), raw.lm_head.weight, tgt.flatten(),
+                                         raw._workspace)
+            return model(input_ids=inp, labels=inp).loss
+        return step
+
     tokens = args.batch * args.seq
     train = alternate({k: train_fn(k, m) for k, m in contenders.items()}, rounds=args.rounds, repeats=args.repeats)
     evals = alternate({k: eval_fn(k, m) for k, m in contenders.items()}, rounds=args.rounds, repeats=args.repeats)
+    vals = alternate({k: val_loss_fn(k, m) for k, m in contenders.items()}, rounds=args.rounds, repeats=args.repeats)
     rows, data = [], {}
-    for kind, res in (("training step", train), ("no-grad forward", evals)):
+    for kind, res in (("training step", train), ("no-grad forward", evals), ("val loss (loss only)", vals)):
         base = res["transformers"]
         for name, t in res.items():
             rows.append([kind, name, f"{tokens / t:,.0f}", f"{base / t:.2f}x"])

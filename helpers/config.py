@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -64,6 +65,10 @@ class TrainConfig:
     # checkpoint cadence and cheap evaluation
     ckpt_interval: int | None = None  # steps between resumable checkpoints, at evaluations; None: every one; 0: the last only
     eval_train: bool = True  # False: train_loss is the mean loss of the training steps since the last evaluation
+    # knowledge distillation (helpers.head_loss): loss = (1 - kd_alpha) * CE + kd_alpha * T^2 * KL(teacher || student)
+    teacher: str | None = None  # None (no distillation) | "parent" | any source load_model accepts
+    kd_alpha: float = 0.6  # the soft term's weight (0.6: the paper's KD baseline); 0: the teacher is not even loaded
+    kd_temperature: float = 1.0  # T, dividing both models' logits in the soft term
 
     def __post_init__(self):
         self.auto_data = self.data_dir is None  # only then may training prepare the data itself
@@ -130,6 +135,15 @@ class TrainConfig:
                               f"multiple of eval_interval={self.eval_interval}, 0 (the last step only) or None (every one)")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
             raise ConfigError(f"learning rates: need 0 <= min_lr ({self.min_lr}) <= learning_rate ({self.learning_rate})")
+        if not 0 <= self.kd_alpha <= 1:
+            raise ConfigError(f"kd_alpha={self.kd_alpha} must lie in [0, 1] (the soft term's weight)")
+        if not 0 < self.kd_temperature < math.inf:
+            raise ConfigError(f"kd_temperature={self.kd_temperature} must be a positive number")
+
+    @property
+    def distilling(self) -> bool:
+        """Whether training distils from a teacher (teacher set and kd_alpha > 0)."""
+        return self.teacher is not None and self.kd_alpha > 0
 
 
 def to_text(value) -> str:

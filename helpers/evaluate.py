@@ -17,27 +17,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from helpers.checkpoint import load_model, read_sidecar, resolve
 from helpers.data import iter_sequential, open_split
 from helpers.errors import ConfigError
+from helpers.head_loss import cross_entropy_sum
 from helpers.model import GPT, attention_mask
 
 
 @torch.no_grad()
 def val_loss_full(model: GPT, data_dir, block_size: int = 256, batch_size: int = 8, device="cpu",
                   max_tokens: int | None = None) -> dict:
-    """Mean next-token loss over the whole val split (or its first max_tokens tokens)."""
+    """Mean next-token loss over the whole val split (or its first max_tokens tokens). Only the loss
+    is computed (helpers.head_loss.cross_entropy_sum): no (tokens, vocab) logits are kept."""
     model.eval()
     data = open_split(data_dir, "val")
     total_loss, count = 0.0, 0
     block_size = min(block_size, model.config.block_size)
     for x, y in iter_sequential(data, block_size, batch_size, device, max_tokens):
-        logits, _ = model(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="sum")
+        loss, n = cross_entropy_sum(model.hidden(x).flatten(0, 1), model.lm_head.weight, y.flatten(), model._workspace)
         total_loss += loss.item()
-        count += int((y >= 0).sum())
+        count += n
     mean = total_loss / count
     return {"val_loss": mean, "perplexity": math.exp(min(mean, 50.0)), "val_tokens": count}
 
@@ -134,3 +134,76 @@ def sample_ids(data_dir, length: int, offset: int = 0) -> torch.Tensor:
     """(1, length) real tokens from the val split, for the attention diagnostic."""
     data = open_split(data_dir, "val")
     return torch.from_numpy(np.asarray(data[offset:offset + length]).astype(np.int64))[None]
+
+
+# ---- downstream tasks through lm-evaluation-harness ----------------------------------------------
+def hf_tokenizer(model: GPT):
+    """The model's tokenizer as a Hugging Face tokenizer, built offline: GPT-2's from the embedded
+    rank file, a GGUF file's from its metadata, a Hugging Face folder's as saved there."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from helpers.errors import CheckpointError
+    source = model.provenance.get("tokenizer") or "gpt2"
+    if source == "gpt2":
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        from helpers.tokenizer import ENDOFTEXT, GPT2_PATTERN, GPT2_RANKS
+        tok = TikTokenConverter(vocab_file=str(GPT2_RANKS), pattern=GPT2_PATTERN, extra_special_tokens=[ENDOFTEXT])
+        return PreTrainedTokenizerFast(tokenizer_object=tok.converted(), bos_token=ENDOFTEXT, eos_token=ENDOFTEXT)
+    path = Path(source)
+    if path.suffix == ".gguf" and path.is_file():
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(path))
+    raise CheckpointError(f"tokenizer {source}: no Hugging Face tokenizer can be built from it; "
+                          "evaluate a model whose tokenizer is gpt2, a .gguf file or a folder with tokenizer.json")
+
+
+def export_for_harness(model: GPT, out_dir) -> Path:
+    """A Hugging Face folder (weights, config and tokenizer) that lm-evaluation-harness loads."""
+    from helpers.checkpoint import export_hf
+    out = export_hf(model, out_dir)
+    hf_tokenizer(model).save_pretrained(str(out))
+    return out
+
+
+def downstream(models: dict, tasks: list[str], limit: int | float | None = None, num_fewshot: int = 0,
+               include_path=None, batch_size: int = 8, device: str = "cpu") -> pd.DataFrame:
+    """Zero- (or few-) shot accuracy of each {name: source or GPT} on lm-evaluation-harness tasks,
+    one row per (model, task): acc, acc_norm (NaN where the task has none), their standard errors
+    and n (documents scored; `limit` caps it per task). Each model goes to the harness as an
+    exported Hugging Face folder (the `hf` model type), so what is scored is exactly our weights.
+    `include_path`: a folder of extra task YAML files (tasks over local files, offline)."""
+    import tempfile
+
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        from helpers.errors import ConfigError
+        raise ConfigError("downstream tasks need lm-evaluation-harness: pip install -e '.[eval]' (or pip install lm-eval)") from None
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    rows = []
+    for name, source in models.items():
+        model = source if isinstance(source, GPT) else load_model(source)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = export_for_harness(model, tmp)
+            lm = HFLM(pretrained=str(folder), device=device, batch_size=batch_size, dtype="float32")
+            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=manager, log_samples=False, verbosity="WARNING")
+        for task, metrics in out["results"].items():
+            get = lambda key: metrics.get(f"{key},none", float("nan"))  # noqa: E731
+            rows.append({"model": name, "task": task, "acc": get("acc"), "acc_norm": get("acc_norm"),
+                         "acc_stderr": get("acc_stderr"), "acc_norm_stderr": get("acc_norm_stderr"),
+                         "n": out.get("n-samples", {}).get(task, {}).get("effective")})
+    return pd.DataFrame(rows, columns=["model", "task", "acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n"])
+
+
+def merge_downstream(results: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """results (one row per model, as evaluate_models) with the downstream scores as columns
+    `<task>_acc` and `<task>_acc_norm` (the latter only for tasks that have it), for eval.csv."""
+    wide = scores.pivot(index="model", columns="task", values=["acc", "acc_norm"])
+    wide = wide.dropna(axis=1, how="all")
+    wide.columns = [f"{task}_{metric}" for metric, task in wide.columns]
+    return results.merge(wide[sorted(wide.columns)], left_on="model", right_index=True, how="left")

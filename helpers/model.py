@@ -272,10 +272,20 @@ class GPT(nn.Module):
             return x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device)), None
         return x, (self.rope_cos, self.rope_sin)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, last_only: bool = False):
+    def hidden(self, idx):
+        """The final hidden states (B, T, C) of idx (B, T), after ln_f: what the head reads. The
+        loss-only evaluation and the teacher of distillation start here (helpers.head_loss)."""
+        x, rope = self.embed(idx)
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, None, i)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None, last_only: bool = False, distill=None):
         """Returns (logits, loss). idx: (B, T) token ids; targets: (B, T) or None (-1 is ignored).
         When training on the CPU in float32 the loss comes from the fused head
-        (`linear_cross_entropy`) and logits is None; evaluation always returns logits."""
+        (`linear_cross_entropy`) and logits is None; evaluation always returns logits. With `distill`
+        (a helpers.head_loss.Distill) the loss is distillation's total and logits is None."""
         start = cache.pos if cache is not None else 0
         x, rope = self.embed(idx, start)
         x = self.transformer.drop(x)
@@ -286,6 +296,8 @@ class GPT(nn.Module):
             cache.pos += idx.size(1)
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x), None
+        if distill is not None:
+            return None, distill.loss(x, self.lm_head.weight, targets, self._workspace, self._fused_loss(x))
         if self._fused_loss(x):  # training on the CPU: no logits are materialised (logits is None)
             return None, linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                               self._workspace)

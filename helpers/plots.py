@@ -127,3 +127,23 @@ def plot_grow(rounds: list[dict], parent_val_loss: float, title: str = "Growing 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_downstream(scores: pd.DataFrame, metric: str = "acc", path=None):
+    """Grouped bars from helpers.evaluate.downstream's table: one group per task (and their mean),
+    one bar per model, `metric` (acc or acc_norm; tasks without it are left out) in percent."""
+    table = scores.pivot(index="task", columns="model", values=metric).dropna(how="all")
+    table = table[list(dict.fromkeys(scores["model"]))]  # models in the order given
+    table.loc["mean"] = table.mean()
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(table) * max(1, len(table.columns)) / 2), 4))
+    width = 0.8 / len(table.columns)
+    for i, model in enumerate(table.columns):
+        xs = [j + (i - (len(table.columns) - 1) / 2) * width for j in range(len(table))]
+        bars = ax.bar(xs, 100 * table[model], width, label=model, color=f"C{i}")
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(table)), table.index, fontsize=8)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"Downstream tasks, {metric}")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

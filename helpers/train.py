@@ -29,6 +29,7 @@ from helpers.checkpoint import atomic_write, load_model, load_training_state, sa
 from helpers.data import get_batch, open_split, prepare, read_meta
 from helpers.errors import ConfigError, DataError, HelpersError
 from helpers.generic import scratch_like
+from helpers.head_loss import Distill, cross_entropy_sum
 from helpers.inherit import SCORE_OF, calibration_tokens, inherit
 from helpers.model import GPT
 
@@ -179,6 +180,39 @@ def check_data_fits_model(meta: dict, model: GPT, data_dir) -> None:
                             f"prepare the data with tokenizer={model_tok}")
 
 
+def load_teacher(cfg: TrainConfig, student: GPT, device) -> GPT:
+    """The frozen teacher of distillation (cfg.teacher: "parent" or any model source) on the
+    student's device and in its dtype, in eval mode, without gradients. A teacher with another
+    vocabulary or tokenizer is refused: its probabilities would be over other tokens."""
+    source = cfg.parent if cfg.teacher == "parent" else cfg.teacher
+    teacher = load_model(source)
+    if not isinstance(student, GPT) or not isinstance(teacher, GPT):
+        kind = (student if not isinstance(student, GPT) else teacher).config.family
+        raise ConfigError(f"teacher={cfg.teacher}: distillation runs on this project's own model families only, "
+                          f"not on a {kind} model of the generic path; train without teacher")
+    from helpers.tokenizer import get_encoding
+    mine, theirs = student.provenance.get("tokenizer"), teacher.provenance.get("tokenizer")
+    names = []
+    for tok in (mine, theirs):
+        try:
+            names.append(get_encoding(None if tok in (None, "gpt2") else tok).name if tok else None)
+        except HelpersError:
+            names.append(None)  # the tokenizer source is gone: the vocabulary size check still holds
+    same_tok = None in names or names[0] == names[1] or set(names) <= {"gpt2", "r50k_base"}
+    if teacher.config.vocab_size != student.config.vocab_size or not same_tok:
+        raise ConfigError(f"teacher={cfg.teacher}: its vocabulary ({teacher.config.vocab_size:,} ids, tokenizer "
+                          f"{names[1] or theirs}) differs from the student's ({student.config.vocab_size:,} ids, "
+                          f"{names[0] or mine}); distil from a model with the student's tokenizer, e.g. teacher=parent")
+    teacher.to(device=device, dtype=student.lm_head.weight.dtype).eval().requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def teacher_batch(teacher: GPT, x: torch.Tensor, cfg: TrainConfig) -> Distill:
+    """The teacher's side of one micro-batch: its final hidden states, and its head."""
+    return Distill(teacher.hidden(x), teacher.lm_head.weight, cfg.kd_alpha, cfg.kd_temperature)
+
+
 def ensure_data(cfg: TrainConfig) -> dict:
     """meta.json of cfg.data_dir; the default folder is prepared on the spot from the embedded corpus."""
     if (Path(cfg.data_dir) / "meta.json").is_file():
@@ -206,6 +240,11 @@ def estimate_loss(model, splits: dict, cfg: TrainConfig, step: int, device, auto
     """Mean loss over eval_iters random batches per split, drawn from a generator seeded by
     (seed, step): the same batches whatever happened before, and the training sampler is untouched.
     With eval_train=False only val is estimated (train_loss then comes from the training steps)."""
+    raw = getattr(model, "module", model)  # the model inside DistributedDataParallel
+    raw = getattr(raw, "_orig_mod", raw)  # and inside torch.compile
+    # the loss only, no (tokens, vocab) logits, for our own model; a sharded (FSDP) model gathers its
+    # root weights in forward() only, and a transformers model (generic path) has its own head
+    loss_only = isinstance(raw, GPT) and not is_sharded(raw)
     model.eval()
     out = {}
     for name, data in splits.items():
@@ -216,10 +255,21 @@ def estimate_loss(model, splits: dict, cfg: TrainConfig, step: int, device, auto
         for k in range(cfg.eval_iters):
             x, y = get_batch(data, cfg.block_size, cfg.batch_size, g, device)
             with autocast:
-                losses[k] = model(x, y)[1].float()
+                if loss_only:
+                    total, count = cross_entropy_sum(raw.hidden(x).flatten(0, 1), raw.lm_head.weight, y.flatten(),
+                                                     raw._workspace)
+                    losses[k] = total / count
+                else:
+                    losses[k] = model(x, y)[1].float()
         out[name] = losses.mean().item()
     model.train()
     return out
+
+
+def is_sharded(model) -> bool:
+    """Whether `model` has been sharded by FSDP2's fully_shard."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
 
 
 def read_metrics(path) -> "pd.DataFrame":  # noqa: F821
@@ -279,6 +329,8 @@ def train(cfg: TrainConfig) -> dict:
         shard_model(model, device)
     model.to(device)
     model.train()
+    teacher = load_teacher(cfg, model, device) if cfg.distilling else None
+    kd_sums, kd_count = torch.zeros(2, device=device), 0  # (ce, kd) of the micro-batches since the last record
     optimizer = configure_optimizer(model, cfg, device)
     scaler = make_scaler(device, dtype, sharded)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -328,6 +380,12 @@ def train(cfg: TrainConfig) -> dict:
                       "train_loss": losses["train"], "val_loss": losses["val"],
                       "tokens_per_s": tps, "mfu": mfu(tps, flops_per_step / tokens_per_step, peak, world),
                       "elapsed_s": round(elapsed_before + now - t_start, 3), "init": cfg.init}
+            if teacher is not None:  # the distillation objective on the training batches since the last record
+                ce, kd = (kd_sums / kd_count).tolist() if kd_count else (None, None)
+                record.update(ce_loss=ce, kd_loss=kd, total_loss=None if ce is None else
+                              (1 - cfg.kd_alpha) * ce + cfg.kd_alpha * kd)
+                kd_sums.zero_()
+                kd_count = 0
             if not all(math.isfinite(v) for v in (losses["train"], losses["val"]) if v is not None):
                 raise FloatingPointError(f"step {step}: evaluation loss is {losses}; training diverged. The last "
                                          f"good checkpoint is kept in {out_dir}; lower learning_rate")
@@ -372,7 +430,13 @@ def train(cfg: TrainConfig) -> dict:
             last_micro = micro // local_accum == rank and (micro + 1) % local_accum == 0
             sync = gradient_sync(model, cfg.parallel if ddp else None, last_micro)
             with sync, autocast:
-                _, loss = model(x, y)
+                if teacher is not None:
+                    distill = teacher_batch(teacher, x, cfg)
+                    _, loss = model(x, y, distill=distill)
+                    kd_sums += torch.stack(distill.parts).float()
+                    kd_count += 1
+                else:
+                    _, loss = model(x, y)
                 loss = loss / cfg.grad_accum
             scaler.scale(loss).backward() if not ddp else scaler.scale(loss * world).backward()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)

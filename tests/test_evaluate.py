@@ -39,3 +39,59 @@ def test_attention_collapse_table(model):
     assert df["rank90"].between(1, 16).all() and df["max_column_share"].between(0, 1).all()
     assert (df["degenerate"] == (df["max_column_share"] > 0.5)).all()
     assert (df.groupby("layer")["degenerate"].all() == df.groupby("layer")["lazy"].first()).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_loss_only_head_equals_cross_entropy(chunk):
+    import torch.nn.functional as F
+
+    from helpers.head_loss import Workspace, cross_entropy_sum
+    torch.manual_seed(0)
+    x, w = torch.randn(50, 16), torch.randn(300, 16)
+    t = torch.randint(0, 300, (50,))
+    t[[3, 17, 49]] = -1
+    total, n = cross_entropy_sum(x, w, t, Workspace(), token_chunk=chunk)
+    assert n == 47 and total.item() == pytest.approx(F.cross_entropy(x @ w.T, t, ignore_index=-1, reduction="sum").item(), rel=1e-5)
+    with pytest.raises(IndexError, match="300"):
+        cross_entropy_sum(x, w, torch.full((50,), 300))
+
+
+def test_whole_split_val_loss_keeps_no_logits(model, monkeypatch):
+    """val_loss_full equals the loss of the full logits over the whole split (a last window padded
+    with ignored targets included), without calling the head module and with a buffer of one chunk."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from helpers import evaluate
+    from helpers.data import iter_sequential
+    data = np.random.default_rng(0).integers(0, 1000, 203).astype(np.uint16)
+    monkeypatch.setattr(evaluate, "open_split", lambda data_dir, split: data)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in iter_sequential(data, 16, 4):
+            total += F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum").item()
+            count += int((y >= 0).sum())
+
+    def no_logits(*_):
+        raise AssertionError("the (tokens, vocab) logits were computed")
+    model.lm_head.register_forward_hook(no_logits)
+    res = evaluate.val_loss_full(model, "unused", block_size=16, batch_size=4)
+    assert res["val_tokens"] == count == 202 and res["val_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert model._workspace.buf.numel() <= 64 * model.config.vocab_size
+
+
+def test_training_evaluation_is_the_plain_loss(model):
+    """estimate_loss (the loss-only path) gives the mean of model(x, y)'s plain loss on the same batches."""
+    from contextlib import nullcontext
+
+    import numpy as np
+
+    from helpers.data import get_batch
+    from helpers.train import TrainConfig, estimate_loss
+    cfg = TrainConfig(batch_size=3, block_size=16, eval_iters=2, seed=5)
+    split = np.random.default_rng(1).integers(0, 1000, 500).astype(np.uint16)
+    got = estimate_loss(model, {"val": split}, cfg, 4, "cpu", nullcontext())["val"]
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 4 * 2 + 1)
+    with torch.no_grad():
+        want = [model(*get_batch(split, 16, 3, g))[1].item() for _ in range(2)]
+    assert got == pytest.approx(sum(want) / 2, rel=1e-5)
