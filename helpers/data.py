@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from helpers.checkpoint import atomic_write, unwritable_reason
+from helpers.files import atomic_write, unwritable_reason
 from helpers.errors import DataError
 from helpers.tokenizer import copy_encoding, end_of_text, get_encoding
 
@@ -151,6 +151,8 @@ def _iter_jsonl(path: Path, text_field: str, stats: Stats, strict: bool):
             try:
                 text = json.loads(line)[text_field]
             except (ValueError, KeyError, TypeError):
+                text = None
+            if not isinstance(text, str):
                 stats.skip(f"{path}:{i + 1}", f"not a JSON object with a {text_field!r} string", strict)
                 continue
             yield f"{path.name}:{i + 1}", text
@@ -270,13 +272,14 @@ def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", tokeniz
                   max_tokens=max_tokens, max_docs=max_docs, text_field=text_field, strict=strict)
     meta_path = out / "meta.json"
     existing = read_meta(out) if meta_path.is_file() and not overwrite else None  # overwrite: even a damaged one
-    if existing is not None and not overwrite:
+    if existing is not None:
         if existing.get("params") == params and _outputs_intact(out, existing):
             return existing
         if existing.get("params") != params:
-            raise DataError(f"{out}: holds a different dataset (source {existing['params']['source']!r}, tokenizer "
-                            f"{existing['params']['tokenizer']!r}); pick another out_dir or pass overwrite=True")
-    elif existing is None and not overwrite and any((out / f).exists() for f in ("train.bin", "val.bin")):
+            made = existing.get("params") or {}
+            raise DataError(f"{out}: holds a different dataset (source {made.get('source')!r}, tokenizer "
+                            f"{made.get('tokenizer')!r}); pick another out_dir or pass overwrite=True")
+    elif not overwrite and any((out / f).exists() for f in ("train.bin", "val.bin")):
         raise DataError(f"{out}: has train.bin/val.bin but no meta.json (not made here, or damaged); "
                         "pick another out_dir or pass overwrite=True")
     reason = unwritable_reason(out)
@@ -455,6 +458,8 @@ def verify(data_dir) -> None:
     meta = read_meta(data_dir)
     for s in ("train", "val"):
         h = hashlib.sha256()
+        if not (Path(data_dir) / f"{s}.bin").is_file():
+            raise DataError(f"{data_dir}/{s}.bin: missing; prepare the data again")
         with open(Path(data_dir) / f"{s}.bin", "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
