@@ -112,7 +112,7 @@ def missing_part(path: Path) -> str:
 
 def resolve_tokenizer_source(source) -> tuple[str, Path | None]:
     """("gpt2", None), ("gguf", file) or ("json", tokenizer.json) for the tokenizer of a model source."""
-    from helpers.torch_format import read_sidecar
+    from helpers.torch_format import FORMAT, read_sidecar, torch_load
 
     s = str(source)
     if s in GPT2_HUB_IDS:
@@ -127,7 +127,10 @@ def resolve_tokenizer_source(source) -> tuple[str, Path | None]:
             return "gpt2", None
         raise CheckpointError(f"{path}: no tokenizer.json in this folder; add one or pass tokenizer='gpt2'")
     sidecar = read_sidecar(path)
-    spec = (sidecar or {}).get("provenance", {}).get("tokenizer")
+    if sidecar is None:  # a checkpoint copied without its .json: its provenance is inside it too
+        ck = torch_load(path)
+        sidecar = ck if ck.get("format") == FORMAT else {}
+    spec = sidecar.get("provenance", {}).get("tokenizer")
     if spec is None:
         return "gpt2", None  # nanoGPT and the student project trained on GPT-2 tokens
     return resolve_tokenizer_source(spec)

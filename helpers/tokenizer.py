@@ -17,6 +17,7 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from helpers.errors import CheckpointError
+from helpers.sources import resolve_tokenizer_source
 
 GPT2_RANKS = Path(__file__).parent / "assets" / "gpt2.tiktoken"
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -210,8 +211,6 @@ def get_encoding(source: str | Path | None = None) -> tiktoken.Encoding:
     tokenizer.json, "smollm2-135m", a GPT-2 hub id, or one of our checkpoints)."""
     if source is None or str(source) in ("gpt2", "r50k_base"):
         return gpt2_encoding()
-    from helpers.checkpoint import resolve_tokenizer_source  # circular at import time otherwise
-
     kind, where = resolve_tokenizer_source(source)
     if kind == "gpt2":
         return gpt2_encoding()

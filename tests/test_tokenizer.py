@@ -187,3 +187,20 @@ def test_qwen_tokenizer_json_equals_transformers(tmp_path):
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     from_gguf = get_encoding(tmp_path / "t.gguf")
     assert [from_gguf.encode_ordinary(t) for t in texts] == [enc.encode_ordinary(t) for t in texts]
+
+
+def test_checkpoint_without_its_sidecar_keeps_its_tokenizer(trained_tokenizer, tmp_path):
+    """A step_*.pt copied without its .json still names its tokenizer (read from the checkpoint
+    itself), instead of silently falling back to GPT-2's."""
+    from helpers.checkpoint import save_checkpoint
+    from helpers.model import GPT, GPTConfig
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "config.json").write_text("{}")
+    (parent / "tokenizer.json").write_bytes(trained_tokenizer.read_bytes())
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=3000))
+    model.provenance = {"tokenizer": str(parent)}
+    ckpt = save_checkpoint(tmp_path / "run" / "step_000001.pt", model)
+    ckpt.with_suffix(".json").unlink()
+    assert get_encoding(ckpt).name == "hf:parent"
+    assert get_encoding(tmp_path / "run").name == "hf:parent"
