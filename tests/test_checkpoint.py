@@ -177,6 +177,9 @@ def test_unsupported_architecture(hf_gpt2, tmp_path):
     _, path = hf_gpt2
     shutil.copytree(path, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "model_type"}))
+    with pytest.raises(CheckpointError, match="config.json: not a model config \\(no model_type\\)"):
+        load_model(tmp_path / "m")
     cfg["model_type"] = "no-such-arch"
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="model_type 'no-such-arch' is unknown to the installed transformers"):
@@ -215,3 +218,30 @@ def test_llama_export_round_trip(tmp_path, tie):
     assert torch.allclose(back(idx).logits, logits(model, idx), atol=1e-5)
     again = load_model(tmp_path / "export")  # and back into ours
     assert torch.allclose(logits(again, idx), logits(model, idx), atol=1e-6)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 50000.0}
+
+
+@pytest.mark.parametrize("variant", [{"rope_scaling": LLAMA3_ROPE}, {"mlp_bias": True}, {"attention_bias": True}])
+def test_a_native_family_variant_our_model_lacks_loads_generically(tmp_path, variant):
+    """Llama 3.1/3.2's RoPE scaling, or biases our Llama lacks: transformers' own class through the
+    generic path (logits identical), where it used to be refused with no way to load it."""
+    from conftest import make_hf_llama
+    from helpers.generic import HFCausalLM
+    ref = make_hf_llama(tmp_path, **variant)
+    model = load_model(tmp_path)
+    assert isinstance(model, HFCausalLM) and model.config.family == "llama"
+    assert "generic path" in model.provenance["note"]
+    idx = tokens(t=40)  # past original_max_position_embeddings, where llama3 scaling matters
+    with torch.no_grad():
+        assert torch.equal(logits(model, idx), ref(idx).logits)
+
+
+def test_config_from_hf_names_the_rope_type_given_as_type(tmp_path):
+    from helpers.hf_format import config_from_hf
+    from conftest import LLAMA_KW
+    hf = {"model_type": "llama", **LLAMA_KW, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    with pytest.raises(CheckpointError, match="x: RoPE scaling 'linear' is not implemented natively"):
+        config_from_hf(hf, "x")
