@@ -114,6 +114,11 @@ def test_export_and_checkpoint_round_trips(pair, tmp_path):
         assert torch.equal(load_model(tmp_path / "export")(idx)[0], expected)
         again = load_model(save_checkpoint(tmp_path / "c.pt", child))
         assert torch.equal(again(idx)[0], expected) and again.provenance["layers"] == [0, 1]
+    ck = torch.load(tmp_path / "c.pt", weights_only=True)
+    dropped = sorted(ck["model"])[-1]
+    torch.save({**ck, "model": {k: v for k, v in ck["model"].items() if k != dropped}}, tmp_path / "d.pt")
+    with pytest.raises(CheckpointError, match=f"d.pt: missing weights \\['{dropped}'\\]"):
+        load_model(tmp_path / "d.pt")
 
 
 @pytest.fixture(scope="module")
