@@ -123,17 +123,29 @@ def test_export_and_checkpoint_round_trips(pair, tmp_path):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from helpers.data import prepare
+    """stdlib documents in a 320-token byte-level BPE trained here: the models' vocabulary, and so
+    their embeddings, heads and checkpoints, stay tiny (GPT-2's 50,257 made each run ~4x slower)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from helpers.data import prepare, stdlib_files
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([f.read_text(errors="replace") for f in stdlib_files()[1][:30]], trainer)
+    tok = tmp_path_factory.mktemp("tokenizer")
+    tk.save(str(tok / "tokenizer.json"))
+    (tok / "config.json").write_text("{}")  # a model folder in name only: what prepare's tokenizer= takes
     path = tmp_path_factory.mktemp("generic_data")
-    prepare("stdlib", path, max_docs=30, val_fraction=0.2, progress=False)  # GPT-2 tokens
-    return path
+    meta = prepare("stdlib", path, tokenizer=str(tok), max_docs=30, val_fraction=0.2, progress=False)
+    return path, meta["tokenizer"]["n_vocab"]
 
 
 @pytest.mark.parametrize("arch", ["GPTNeoXConfig", "Phi3Config", "Gemma2Config"])
 def test_training_run_killed_and_resumed_logs_the_same_losses(arch, data, tmp_path, monkeypatch):
     import helpers.train as T
-    make_hf(arch, tmp_path / "parent", vocab=50257)
-    base = dict(parent=str(tmp_path / "parent"), n_layers=2, data_dir=str(data), max_iters=4, batch_size=2,
+    data_dir, vocab = data
+    make_hf(arch, tmp_path / "parent", vocab=vocab)
+    base = dict(parent=str(tmp_path / "parent"), n_layers=2, data_dir=str(data_dir), max_iters=4, batch_size=2,
                 block_size=32, eval_interval=2, eval_iters=2, log_interval=1, warmup_iters=2, learning_rate=1e-3,
                 progress=False)
     T.train(T.TrainConfig.from_dict({**base, "out_dir": str(tmp_path / "full")}))
