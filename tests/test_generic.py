@@ -78,9 +78,9 @@ def test_child_logits_equal_the_truncated_parent(pair, keep):
     idx = tokens(t=20)  # longer than Gemma 2's sliding window of 6: layer types must follow their blocks
     with torch.no_grad():
         assert torch.allclose(child(idx)[0], truncated_logits(parent, idx, keep), atol=1e-5)
-    # transformers' own cache, indexed by layer, gives the same greedy tokens as recomputing
-    start = tokens(n=2, t=4)
-    assert torch.equal(child.generate(start, 12, temperature=0), child.generate(start, 12, temperature=0, use_cache=False))
+    if keep != list(range(len(keep))):  # renumbered blocks: transformers' own cache, indexed by layer_idx,
+        start = tokens(n=2, t=4)  # gives the same greedy tokens as recomputing, past Gemma 2's window
+        assert torch.equal(child.generate(start, 8, temperature=0), child.generate(start, 8, temperature=0, use_cache=False))
 
 
 def test_training_the_child_never_changes_the_parent(pair):
@@ -92,10 +92,8 @@ def test_training_the_child_never_changes_the_parent(pair):
     child.train()
     opt = torch.optim.AdamW(child.parameters(), lr=1e-2)
     idx = tokens(t=20)
-    for _ in range(3):
-        child(idx[:, :-1], idx[:, 1:])[1].backward()
-        opt.step()
-        opt.zero_grad()
+    child(idx[:, :-1], idx[:, 1:])[1].backward()
+    opt.step()  # one step changes every trained tensor
     assert all(torch.equal(v, before[k]) for k, v in parent.state_dict().items())
     assert not torch.equal(inherit(parent, 2)(idx)[0], child(idx)[0])
 
