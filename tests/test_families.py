@@ -96,12 +96,6 @@ def test_use_sliding_window_in_qwen_loads_through_the_generic_path(tmp_path):
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_gguf_equals_the_hf_folder(family, tmp_path):
     pytest.importorskip("gguf")
-    from test_llama_gguf import write_gguf
+    from test_llama_gguf import assert_gguf_equals_hf_folder
     make_hf(family, tmp_path / "hf", tie=False)
-    source = load_model(tmp_path / "hf")
-    write_gguf(tmp_path / "m.gguf", source)
-    loaded = load_model(tmp_path / "m.gguf")
-    assert loaded.config.to_dict() == {**source.config.to_dict(), "norm_eps": pytest.approx(source.config.norm_eps)}
-    idx = tokens()
-    with torch.no_grad():
-        assert torch.allclose(loaded(idx)[0], source(idx)[0], atol=1e-5)
+    assert_gguf_equals_hf_folder(tmp_path / "hf", tmp_path)

@@ -73,16 +73,21 @@ def write_gguf(path, model, types=None, tokenizer=None):
     return stored
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_gguf_f32_round_trip_equals_source(tmp_path, tie):
-    make_hf_llama(tmp_path / "hf", tie=tie)
-    source = load_model(tmp_path / "hf")
+def assert_gguf_equals_hf_folder(hf_folder, tmp_path):
+    """The Hugging Face folder written as a float32 GGUF file loads with the same config and logits."""
+    source = load_model(hf_folder)
     write_gguf(tmp_path / "m.gguf", source)
     loaded = load_model(tmp_path / "m.gguf")
     assert loaded.config.to_dict() == {**source.config.to_dict(), "norm_eps": pytest.approx(source.config.norm_eps)}
     idx = tokens()
     with torch.no_grad():
         assert torch.allclose(loaded(idx)[0], source(idx)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_gguf_f32_round_trip_equals_source(tmp_path, tie):
+    make_hf_llama(tmp_path / "hf", tie=tie)
+    assert_gguf_equals_hf_folder(tmp_path / "hf", tmp_path)
 
 
 def test_gguf_quantized_types_dequantize_exactly(tmp_path):
