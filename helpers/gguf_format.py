@@ -29,17 +29,22 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, out_dim // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: Path) -> GPT:
+def open_gguf(path):
+    """gguf's reader of a file (weights and tokenizer alike), or one CheckpointError saying why not."""
     try:
         import gguf
-        from gguf.quants import dequantize
     except ImportError:
         raise CheckpointError(f"{path}: reading GGUF files needs the gguf package: pip install gguf") from None
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf fails in many ways on a cut or foreign file; all mean the same to a user
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:100]}); "
                               "it may be truncated, download it again") from None
+
+
+def load_gguf(path: Path) -> GPT:
+    reader = open_gguf(path)
+    from gguf.quants import dequantize
     f = reader.fields
     arch = f["general.architecture"].contents() if "general.architecture" in f else None
     if arch not in GGUF_ARCHES:
@@ -58,7 +63,8 @@ def load_gguf(path: Path) -> GPT:
     n_head, n_embd = meta("attention.head_count"), meta("embedding_length")
     cfg = llama_config(
         family=arch, qkv_bias="blk.0.attn_q.bias" in tensors, qk_norm="blk.0.attn_q_norm.weight" in tensors,
-        head_dim=meta("attention.key_length", n_embd // n_head), block_size=meta("context_length"), vocab_size=meta("vocab_size", n_vocab or 0) or n_vocab,
+        head_dim=meta("attention.key_length", n_embd // n_head), block_size=meta("context_length"),
+        vocab_size=meta("vocab_size", n_vocab),  # else the length of the token list
         n_layer=meta("block_count"), n_head=n_head, n_embd=n_embd,
         n_kv_head=meta("attention.head_count_kv", n_head), intermediate_size=meta("feed_forward_length"),
         norm_eps=meta("attention.layer_norm_rms_epsilon"), rope_base=meta("rope.freq_base", 10000.0),

@@ -140,11 +140,10 @@ def _byte_level_encoding(name: str, tokens: list[str], merges: list[str], specia
 
 
 def encoding_from_gguf(path) -> tiktoken.Encoding:
-    import gguf  # optional until a GGUF file is used
+    from helpers.gguf_format import open_gguf  # gguf is optional until a GGUF file is used
 
     path = str(path)
-    reader = gguf.GGUFReader(path)
-    f = reader.fields
+    f = open_gguf(path).fields
 
     def get(key):
         if key not in f:

@@ -73,6 +73,9 @@ def test_nanogpt_checkpoint(hf_gpt2, tmp_path):
                 "best_val_loss": torch.tensor(3.0), "config": {"batch_size": 12}}, tmp_path / "ckpt.pt")
     loaded = load_model(tmp_path)  # a run folder with ckpt.pt inside
     assert torch.allclose(logits(loaded), logits(ours), atol=1e-6)
+    torch.save({"model_args": {**args, "n_head": 5}, "model": nanogpt_state(ours, compiled=False)}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="bad.pt: model_config is damaged .*n_embd=96 is not divisible by n_head=5"):
+        load_model(tmp_path / "bad.pt")
 
 
 def test_student_checkpoint_sizes_inferred_from_keys(tmp_path):

@@ -3,6 +3,7 @@ import sysconfig
 
 import pytest
 
+from helpers.errors import CheckpointError
 from helpers.tokenizer import QWEN2_PATTERN, copy_encoding, encoding_from_tokenizer_json, end_of_text, get_encoding
 
 MULTILINGUAL = [
@@ -91,6 +92,10 @@ def test_gguf_tokenizer_equals_transformers(trained_tokenizer, tmp_path):
     enc = get_encoding(tmp_path / "t.gguf")
     texts = corpus()
     assert [enc.encode_ordinary(t) for t in texts] == hf_ids(trained_tokenizer, texts)
+    data = (tmp_path / "t.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.gguf: not a readable GGUF file .*download it again"):
+        get_encoding(tmp_path / "cut.gguf")
 
 
 def test_unsupported_pre_tokenizer_is_named(trained_tokenizer, tmp_path):
