@@ -60,11 +60,14 @@ def find_in_folder(folder: Path) -> Path | None:
 
 
 def resolve(source) -> tuple[str, Path]:
-    """(kind, path) for a source: kind is "hf" (folder), "gguf" or "torch" (file)."""
+    """(kind, path) for a source: kind is "hf" (folder), "gguf" or "torch" (file). A local path comes
+    back absolute, so that provenance (the tokenizer of a child) still holds in another folder."""
     s = str(source)
     if s in EMBEDDED:
         return "gguf", embedded_path(s)
     path = Path(s).expanduser()
+    if path.exists():
+        path = path.absolute()
     if path.is_dir():
         if (path / "config.json").is_file():
             return "hf", path

@@ -248,3 +248,17 @@ def test_config_from_hf_names_the_rope_type_given_as_type(tmp_path):
     hf = {"model_type": "llama", **LLAMA_KW, "rope_scaling": {"type": "linear", "factor": 2.0}}
     with pytest.raises(CheckpointError, match="x: RoPE scaling 'linear' is not implemented natively"):
         config_from_hf(hf, "x")
+
+
+def test_a_child_of_a_relative_parent_path_finds_its_tokenizer_from_another_folder(hf_gpt2, tmp_path, monkeypatch):
+    """Provenance holds absolute paths: notebooks run in the run folder, not where the path was typed."""
+    from helpers.sources import resolve_tokenizer_source
+    _, path = hf_gpt2
+    shutil.copytree(path, tmp_path / "parent")
+    (tmp_path / "parent" / "tokenizer.json").write_text("{}")  # only its place matters here
+    monkeypatch.chdir(tmp_path)
+    model = load_model("parent")
+    assert model.provenance["source"] == str(tmp_path / "parent")
+    ckpt = save_checkpoint(tmp_path / "run" / "child.pt", model)
+    monkeypatch.chdir(tmp_path / "run")
+    assert resolve_tokenizer_source(ckpt) == ("json", tmp_path / "parent" / "tokenizer.json")
