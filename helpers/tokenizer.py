@@ -22,6 +22,7 @@ from helpers.sources import resolve_tokenizer_source
 GPT2_RANKS = Path(__file__).parent / "assets" / "gpt2.tiktoken"
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 ENDOFTEXT = "<|endoftext|>"
+DOCUMENT_SEPARATORS = (ENDOFTEXT, "<|end_of_text|>")  # special tokens that end a document, by preference
 
 # GPT-2's split pattern, as tiktoken writes it for r50k_base.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -219,7 +220,9 @@ def get_encoding(source: str | Path | None = None) -> tiktoken.Encoding:
 
 
 def end_of_text(enc: tiktoken.Encoding) -> int:
-    """The id that separates documents: <|endoftext|> when the vocabulary has it."""
-    if ENDOFTEXT in enc._special_tokens:
-        return enc._special_tokens[ENDOFTEXT]
-    raise CheckpointError(f"tokenizer {enc.name} has no {ENDOFTEXT} token to separate documents")
+    """The id that separates documents: <|endoftext|> (GPT-2, SmolLM, Qwen) or <|end_of_text|> (Llama 3)."""
+    for name in DOCUMENT_SEPARATORS:
+        if name in enc._special_tokens:
+            return enc._special_tokens[name]
+    raise CheckpointError(f"tokenizer {enc.name} has none of {', '.join(DOCUMENT_SEPARATORS)} to separate "
+                          "documents; prepare the data with a tokenizer that has one, e.g. tokenizer='gpt2'")

@@ -209,3 +209,19 @@ def test_checkpoint_without_its_sidecar_keeps_its_tokenizer(trained_tokenizer, t
     ckpt.with_suffix(".json").unlink()
     assert get_encoding(ckpt).name == "hf:parent"
     assert get_encoding(tmp_path / "run").name == "hf:parent"
+
+
+@pytest.mark.parametrize("specials, expected", [(["<|begin_of_text|>", "<|end_of_text|>"], 1), (["<s>", "</s>"], None)])
+def test_documents_end_with_llama3s_end_of_text_or_a_clear_error(tmp_path, specials, expected):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.train_from_iterator(MULTILINGUAL, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.save(str(tmp_path / "tokenizer.json"))
+    enc = encoding_from_tokenizer_json(tmp_path / "tokenizer.json")
+    if expected is None:
+        with pytest.raises(CheckpointError, match="none of <\\|endoftext\\|>, <\\|end_of_text\\|>.*tokenizer='gpt2'"):
+            end_of_text(enc)
+    else:
+        assert end_of_text(enc) == expected
