@@ -123,15 +123,10 @@ def test_export_and_checkpoint_round_trips(pair, tmp_path):
 def data(tmp_path_factory):
     """stdlib documents in a 320-token byte-level BPE trained here: the models' vocabulary, and so
     their embeddings, heads and checkpoints, stay tiny (GPT-2's 50,257 made each run ~4x slower)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from test_tokenizer import train_bpe
     from helpers.data import prepare, stdlib_files
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator([f.read_text(errors="replace") for f in stdlib_files()[1][:30]], trainer)
     tok = tmp_path_factory.mktemp("tokenizer")
-    tk.save(str(tok / "tokenizer.json"))
+    train_bpe(tok, [f.read_text(errors="replace") for f in stdlib_files()[1][:30]], 320)
     (tok / "config.json").write_text("{}")  # a model folder in name only: what prepare's tokenizer= takes
     path = tmp_path_factory.mktemp("generic_data")
     meta = prepare("stdlib", path, tokenizer=str(tok), max_docs=30, val_fraction=0.2, progress=False)
