@@ -157,7 +157,11 @@ def read_weights(path: Path) -> dict:
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (path / index_name).is_file():
-            shards = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{path / index_name}: not a shard index ({type(e).__name__}: {e}); "
+                                      "download it again") from None
             sd = {}
             for shard in shards:
                 if not (path / shard).is_file():

@@ -56,6 +56,9 @@ def test_sharded_safetensors_folder(hf_gpt2, tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     shutil.copy(path / "config.json", tmp_path)
     assert torch.allclose(logits(load_model(tmp_path)), ref(tokens()).logits, atol=1e-4)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"wte.weight": "model-0')  # cut
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a shard index .*download it again"):
+        load_model(tmp_path)
 
 
 def nanogpt_state(model: GPT, compiled: bool):
