@@ -198,7 +198,7 @@ def iter_documents(source: str, stats: Stats, text_field: str = "text", strict: 
             raise DataError(f"{s}: write the subset number, e.g. owt:0") from None
         return _iter_owt_tar(_download_owt_subset(n, Path(cache_dir)), stats, strict)
     if s.startswith("hf:"):
-        return _iter_hf_dataset(s[3:], text_field)
+        return _iter_hf_dataset(s[3:], text_field, stats, strict)
     path = Path(s).expanduser()
     if path.is_file():
         if path.suffix == ".tar":
@@ -221,7 +221,7 @@ def iter_documents(source: str, stats: Stats, text_field: str = "text", strict: 
     raise DataError(f"{s}: no such file or folder; {SOURCES_HELP}")
 
 
-def _iter_hf_dataset(name: str, text_field: str):
+def _iter_hf_dataset(name: str, text_field: str, stats: Stats, strict: bool):
     try:
         import datasets
     except ImportError:
@@ -231,7 +231,12 @@ def _iter_hf_dataset(name: str, text_field: str):
     except Exception as e:
         raise DataError(f"hf:{name}: could not open the dataset ({type(e).__name__}); go online or use a local source") from None
     for i, row in enumerate(ds):
-        yield f"{name}:{i}", row[text_field]
+        text = row.get(text_field) if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            stats.skip(f"hf:{name}:{i}", f"no {text_field!r} string in this row (fields: {sorted(row)[:8]}); "
+                       "pass text_field=<the text column>", strict)
+            continue
+        yield f"{name}:{i}", text
 
 
 # ---- preparation -----------------------------------------------------------------------------

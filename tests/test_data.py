@@ -279,3 +279,16 @@ def test_verify_names_a_missing_bin_file(tmp_path):
     (tmp_path / "s" / "val.bin").unlink()
     with pytest.raises(DataError, match="val.bin: missing; prepare the data again"):
         verify(tmp_path / "s")
+
+
+def test_hf_dataset_rows_without_the_text_field_are_named(tmp_path, monkeypatch):
+    """hf:<id> with the wrong text_field: one error naming the row, the fields it has and the fix."""
+    import types
+    rows = [{"content": f"row {i} " * 30, "id": i} for i in range(5)]
+    fake = types.SimpleNamespace(load_dataset=lambda name, split, streaming: iter(rows))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(DataError, match=r"hf:some/set:0: no 'text' string in this row \(fields: \['content', 'id'\]\); "
+                                        "pass text_field=<the text column>"):
+        prepare("hf:some/set", tmp_path / "a", strict=True, progress=False)
+    meta = prepare("hf:some/set", tmp_path / "b", text_field="content", val_fraction=0.4, progress=False)
+    assert sum(meta["splits"][s]["documents"] for s in meta["splits"]) == 5
