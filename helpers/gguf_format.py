@@ -14,6 +14,7 @@ from helpers.model import GPT, llama_config
 GGUF_ARCHES = ("llama", "qwen2", "qwen3")  # llama.cpp writes Mistral as llama
 GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 LAYER_PREFIX = "blk.{}."
+HF_INSTEAD = "pass the model's Hugging Face folder instead (any decoder of transformers loads from one)"
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -48,7 +49,8 @@ def load_gguf(path: Path) -> GPT:
     f = reader.fields
     arch = f["general.architecture"].contents() if "general.architecture" in f else None
     if arch not in GGUF_ARCHES:
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(GGUF_ARCHES)} are)")
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(GGUF_ARCHES)} are); "
+                              f"{HF_INSTEAD}")
 
     def meta(key, default=None):
         full = f"{arch}.{key}"
@@ -70,9 +72,9 @@ def load_gguf(path: Path) -> GPT:
         norm_eps=meta("attention.layer_norm_rms_epsilon"), rope_base=meta("rope.freq_base", 10000.0),
         tie_embeddings="output.weight" not in tensors)
     if "rope_freqs.weight" in tensors:
-        raise CheckpointError(f"{path}: RoPE frequency scaling (Llama 3.1 style) is not supported")
+        raise CheckpointError(f"{path}: RoPE frequency scaling (Llama 3.1 style) is not supported in GGUF; {HF_INSTEAD}")
     if meta("rope.dimension_count", cfg.head_dim) != cfg.head_dim:
-        raise CheckpointError(f"{path}: partial rotary embeddings are not supported")
+        raise CheckpointError(f"{path}: partial rotary embeddings are not supported in GGUF; {HF_INSTEAD}")
 
     types = set()
 
