@@ -164,9 +164,8 @@ def encoding_from_gguf(path) -> tiktoken.Encoding:
 
 
 def _pattern_from_pre_tokenizer(pre: dict | None, where: str) -> str:
-    kinds = [p["type"] for p in pre.get("pretokenizers", [])] if pre and pre["type"] == "Sequence" else \
-        [pre["type"]] if pre else []
     steps = pre.get("pretokenizers", []) if pre and pre["type"] == "Sequence" else [pre] if pre else []
+    kinds = [step["type"] for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
         return GPT2_PATTERN
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
