@@ -72,7 +72,8 @@ def load_gguf(path: Path) -> GPT:
         norm_eps=meta("attention.layer_norm_rms_epsilon"), rope_base=meta("rope.freq_base", 10000.0),
         tie_embeddings="output.weight" not in tensors)
     if "rope_freqs.weight" in tensors:
-        raise CheckpointError(f"{path}: RoPE frequency scaling (Llama 3.1 style) is not supported in GGUF; {HF_INSTEAD}")
+        raise CheckpointError(f"{path}: RoPE frequency scaling (Llama 3.1 style) is not supported in GGUF; "
+                              f"{HF_INSTEAD}")
     if meta("rope.dimension_count", cfg.head_dim) != cfg.head_dim:
         raise CheckpointError(f"{path}: partial rotary embeddings are not supported in GGUF; {HF_INSTEAD}")
 

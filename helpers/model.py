@@ -48,7 +48,8 @@ class GPTConfig:
     sliding_window: int | None = None  # each token sees itself and the window - 1 before it (Mistral)
 
     def __post_init__(self):
-        if min(self.n_layer, self.n_head, 1 if self.n_kv_head is None else self.n_kv_head) < 1:  # before dividing by them
+        kv = self.n_head if self.n_kv_head is None else self.n_kv_head
+        if min(self.n_layer, self.n_head, kv) < 1:  # checked before anything divides by them
             raise ConfigError(f"GPTConfig: n_layer, n_head and n_kv_head must be at least 1, got {self.n_layer}, "
                               f"{self.n_head}, {self.n_kv_head}")
         if self.n_kv_head is None:

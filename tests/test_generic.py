@@ -80,7 +80,8 @@ def test_child_logits_equal_the_truncated_parent(pair, keep):
         assert torch.allclose(child(idx)[0], truncated_logits(parent, idx, keep), atol=1e-5)
     if keep != list(range(len(keep))):  # renumbered blocks: transformers' own cache, indexed by layer_idx,
         start = tokens(n=2, t=4)  # gives the same greedy tokens as recomputing, past Gemma 2's window
-        assert torch.equal(child.generate(start, 8, temperature=0), child.generate(start, 8, temperature=0, use_cache=False))
+        cached = child.generate(start, 8, temperature=0)
+        assert torch.equal(cached, child.generate(start, 8, temperature=0, use_cache=False))
 
 
 def test_training_the_child_never_changes_the_parent(pair):
