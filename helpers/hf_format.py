@@ -1,5 +1,6 @@
 """Hugging Face folders: config.json <-> GPTConfig, weights <-> our state dict (through the
-tables in helpers.families), safetensors or pytorch_model.bin, sharded or not."""
+tables in helpers.families), safetensors or pytorch_model.bin, sharded or not. A folder of another
+family, or of a native family's variant our model lacks (`native_gap`), goes to helpers.generic."""
 from __future__ import annotations
 
 import json
