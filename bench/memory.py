@@ -58,15 +58,21 @@ def bytes_per_gpu(c: dict, n_gpus: int, parallel: str) -> float:
     return BYTES_PER_PARAM * c["params"] / n_gpus + GATHERED * (c["root"] + 2 * c["block"])
 
 
+def setups():
+    """(column name, GPUs, GB per GPU, parallel) for every machine and the ways it can train."""
+    for machine, (gpus, gb) in MACHINES.items():
+        for parallel in (("ddp", "fsdp") if gpus > 1 else ("one GPU",)):
+            yield f"{machine} {parallel}", gpus, gb, parallel
+
+
 def table() -> dict:
     rows = {}
     for name, (cfg, n, why) in PARENTS.items():
         c = counts(cfg, n)
         row = {"child": f"{name}, first {n} of {cfg.n_layer}", "why": why, **c, "fits": {}}
-        for machine, (gpus, gb) in MACHINES.items():
-            for parallel in (("ddp", "fsdp") if gpus > 1 else ("one GPU",)):
-                need = bytes_per_gpu(c, gpus, parallel) / 1e9
-                row["fits"][f"{machine} {parallel}"] = {"gb_per_gpu": round(need, 1), "fits": need <= USABLE * gb}
+        for column, gpus, gb, parallel in setups():
+            need = bytes_per_gpu(c, gpus, parallel) / 1e9
+            row["fits"][column] = {"gb_per_gpu": round(need, 1), "fits": need <= USABLE * gb}
         rows[name] = row
     return rows
 
@@ -78,10 +84,9 @@ def most_layers() -> dict:
         out[name] = {}
         one = counts(cfg, 1)  # a child of n layers has root + n * block parameters
         sizes = {n: {**one, "params": one["root"] + n * one["block"]} for n in range(1, cfg.n_layer + 1)}
-        for machine, (gpus, gb) in MACHINES.items():
-            for parallel in (("ddp", "fsdp") if gpus > 1 else ("one GPU",)):
-                fit = [n for n, c in sizes.items() if bytes_per_gpu(c, gpus, parallel) <= USABLE * gb * 1e9]
-                out[name][f"{machine} {parallel}"] = max(fit, default=0)
+        for column, gpus, gb, parallel in setups():
+            fit = [n for n, c in sizes.items() if bytes_per_gpu(c, gpus, parallel) <= USABLE * gb * 1e9]
+            out[name][column] = max(fit, default=0)
     return out
 
 

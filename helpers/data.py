@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from helpers.checkpoint import atomic_write, unwritable_reason
+from helpers.files import atomic_write, unwritable_reason
 from helpers.errors import DataError
 from helpers.tokenizer import copy_encoding, end_of_text, get_encoding
 
@@ -151,6 +151,8 @@ def _iter_jsonl(path: Path, text_field: str, stats: Stats, strict: bool):
             try:
                 text = json.loads(line)[text_field]
             except (ValueError, KeyError, TypeError):
+                text = None
+            if not isinstance(text, str):
                 stats.skip(f"{path}:{i + 1}", f"not a JSON object with a {text_field!r} string", strict)
                 continue
             yield f"{path.name}:{i + 1}", text
@@ -196,7 +198,7 @@ def iter_documents(source: str, stats: Stats, text_field: str = "text", strict: 
             raise DataError(f"{s}: write the subset number, e.g. owt:0") from None
         return _iter_owt_tar(_download_owt_subset(n, Path(cache_dir)), stats, strict)
     if s.startswith("hf:"):
-        return _iter_hf_dataset(s[3:], text_field)
+        return _iter_hf_dataset(s[3:], text_field, stats, strict)
     path = Path(s).expanduser()
     if path.is_file():
         if path.suffix == ".tar":
@@ -219,7 +221,7 @@ def iter_documents(source: str, stats: Stats, text_field: str = "text", strict: 
     raise DataError(f"{s}: no such file or folder; {SOURCES_HELP}")
 
 
-def _iter_hf_dataset(name: str, text_field: str):
+def _iter_hf_dataset(name: str, text_field: str, stats: Stats, strict: bool):
     try:
         import datasets
     except ImportError:
@@ -229,7 +231,12 @@ def _iter_hf_dataset(name: str, text_field: str):
     except Exception as e:
         raise DataError(f"hf:{name}: could not open the dataset ({type(e).__name__}); go online or use a local source") from None
     for i, row in enumerate(ds):
-        yield f"{name}:{i}", row[text_field]
+        text = row.get(text_field) if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            stats.skip(f"hf:{name}:{i}", f"no {text_field!r} string in this row (fields: {sorted(row)[:8]}); "
+                       "pass text_field=<the text column>", strict)
+            continue
+        yield f"{name}:{i}", text
 
 
 # ---- preparation -----------------------------------------------------------------------------
@@ -270,13 +277,14 @@ def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", tokeniz
                   max_tokens=max_tokens, max_docs=max_docs, text_field=text_field, strict=strict)
     meta_path = out / "meta.json"
     existing = read_meta(out) if meta_path.is_file() and not overwrite else None  # overwrite: even a damaged one
-    if existing is not None and not overwrite:
+    if existing is not None:
         if existing.get("params") == params and _outputs_intact(out, existing):
             return existing
         if existing.get("params") != params:
-            raise DataError(f"{out}: holds a different dataset (source {existing['params']['source']!r}, tokenizer "
-                            f"{existing['params']['tokenizer']!r}); pick another out_dir or pass overwrite=True")
-    elif existing is None and not overwrite and any((out / f).exists() for f in ("train.bin", "val.bin")):
+            made = existing.get("params") or {}
+            raise DataError(f"{out}: holds a different dataset (source {made.get('source')!r}, tokenizer "
+                            f"{made.get('tokenizer')!r}); pick another out_dir or pass overwrite=True")
+    elif not overwrite and any((out / f).exists() for f in ("train.bin", "val.bin")):
         raise DataError(f"{out}: has train.bin/val.bin but no meta.json (not made here, or damaged); "
                         "pick another out_dir or pass overwrite=True")
     reason = unwritable_reason(out)
@@ -455,6 +463,8 @@ def verify(data_dir) -> None:
     meta = read_meta(data_dir)
     for s in ("train", "val"):
         h = hashlib.sha256()
+        if not (Path(data_dir) / f"{s}.bin").is_file():
+            raise DataError(f"{data_dir}/{s}.bin: missing; prepare the data again")
         with open(Path(data_dir) / f"{s}.bin", "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)

@@ -82,7 +82,8 @@ def scatter(cfg, sd: dict, column: int, layer_prefix: str) -> dict:
 
 
 def assign_state(model, sd: dict, where) -> None:
-    """Copy `sd` into `model`, checking names and shapes first; the tied head may be absent."""
+    """Copy `sd` into `model` (ours or a helpers.generic one), checking names and shapes first;
+    our tied head may be absent."""
     expected = model.state_dict()
     sd = dict(sd)
     if model.config.tie_embeddings:

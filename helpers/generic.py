@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helpers.errors import CheckpointError
+from helpers.families import assign_state
 from helpers.model import sample_next
 
 SUPPORTED = ("natively: gpt2, llama, mistral, qwen2, qwen3; generically: any decoder-only model of "
@@ -143,18 +144,6 @@ def config_from_dict(d: dict, where):
     return CONFIG_MAPPING[mt].from_dict(d)
 
 
-def load_state(model: HFCausalLM, sd: dict, where) -> None:
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{where}: missing weights {missing[:3]}, unexpected weights {unexpected[:3]}")
-    bad = [k for k, v in sd.items() if v.shape != expected[k].shape]
-    if bad:
-        raise CheckpointError(f"{where}: {bad[0]} has shape {tuple(sd[bad[0]].shape)}, the config needs "
-                              f"{tuple(expected[bad[0]].shape)}")
-    model.load_state_dict(sd)
-
-
 def load_generic_folder(path: Path, hf: dict) -> HFCausalLM:
     """A Hugging Face folder of a non-native family, through AutoModelForCausalLM (which also knows
     each family's renamed weights); any weight missing, unexpected or of the wrong shape is refused."""
@@ -179,28 +168,17 @@ def load_generic_folder(path: Path, hf: dict) -> HFCausalLM:
 def load_generic_checkpoint(model_config: dict, sd: dict, provenance: dict, where) -> HFCausalLM:
     """One of our checkpoints of a generic model: its transformers config and state dict."""
     model = HFCausalLM(build(config_from_dict(model_config["hf_config"], where), where))
-    load_state(model, sd, where)
+    assign_state(model, sd, where)
     model.provenance = provenance
     return model
-
-
-def choose_layers(total: int, n_layers: int, layers) -> list[int]:
-    if layers is None:
-        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= total:
-            raise ValueError(f"n_layers={n_layers!r} is out of range: choose 1..{total} for this {total}-layer parent")
-        return list(range(n_layers))
-    layers = list(layers)
-    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < total]
-    if not layers or bad or len(set(layers)) != len(layers):
-        raise ValueError(f"layers={layers!r}: give distinct block indices in 0..{total - 1}, at least one")
-    return layers
 
 
 def inherit_generic(parent: HFCausalLM, n_layers: int, layers: list[int] | None = None) -> HFCausalLM:
     """A child of a wrapped transformers parent holding blocks `layers` (default 0..n_layers-1):
     its own copies of every tensor; config and per-layer settings renumbered."""
+    from helpers.inherit import select_layers  # helpers.inherit imports this module
     total = parent.hf.config.num_hidden_layers
-    layers = choose_layers(total, n_layers, layers)
+    layers, _ = select_layers(parent, n_layers, layers)
     holder, name, blocks = find_blocks(parent.hf, "inherit")
     setattr(holder, name, nn.ModuleList())  # copy everything but the blocks...
     try:

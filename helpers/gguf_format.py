@@ -14,6 +14,7 @@ from helpers.model import GPT, llama_config
 GGUF_ARCHES = ("llama", "qwen2", "qwen3")  # llama.cpp writes Mistral as llama
 GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 LAYER_PREFIX = "blk.{}."
+HF_INSTEAD = "pass the model's Hugging Face folder instead (any decoder of transformers loads from one)"
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -29,21 +30,27 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, out_dim // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: Path) -> GPT:
+def open_gguf(path):
+    """gguf's reader of a file (weights and tokenizer alike), or one CheckpointError saying why not."""
     try:
         import gguf
-        from gguf.quants import dequantize
     except ImportError:
         raise CheckpointError(f"{path}: reading GGUF files needs the gguf package: pip install gguf") from None
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf fails in many ways on a cut or foreign file; all mean the same to a user
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:100]}); "
                               "it may be truncated, download it again") from None
+
+
+def load_gguf(path: Path) -> GPT:
+    reader = open_gguf(path)
+    from gguf.quants import dequantize
     f = reader.fields
     arch = f["general.architecture"].contents() if "general.architecture" in f else None
     if arch not in GGUF_ARCHES:
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(GGUF_ARCHES)} are)")
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(GGUF_ARCHES)} are); "
+                              f"{HF_INSTEAD}")
 
     def meta(key, default=None):
         full = f"{arch}.{key}"
@@ -58,15 +65,17 @@ def load_gguf(path: Path) -> GPT:
     n_head, n_embd = meta("attention.head_count"), meta("embedding_length")
     cfg = llama_config(
         family=arch, qkv_bias="blk.0.attn_q.bias" in tensors, qk_norm="blk.0.attn_q_norm.weight" in tensors,
-        head_dim=meta("attention.key_length", n_embd // n_head), block_size=meta("context_length"), vocab_size=meta("vocab_size", n_vocab or 0) or n_vocab,
+        head_dim=meta("attention.key_length", n_embd // n_head), block_size=meta("context_length"),
+        vocab_size=meta("vocab_size", n_vocab),  # else the length of the token list
         n_layer=meta("block_count"), n_head=n_head, n_embd=n_embd,
         n_kv_head=meta("attention.head_count_kv", n_head), intermediate_size=meta("feed_forward_length"),
         norm_eps=meta("attention.layer_norm_rms_epsilon"), rope_base=meta("rope.freq_base", 10000.0),
         tie_embeddings="output.weight" not in tensors)
     if "rope_freqs.weight" in tensors:
-        raise CheckpointError(f"{path}: RoPE frequency scaling (Llama 3.1 style) is not supported")
+        raise CheckpointError(f"{path}: RoPE frequency scaling (Llama 3.1 style) is not supported in GGUF; "
+                              f"{HF_INSTEAD}")
     if meta("rope.dimension_count", cfg.head_dim) != cfg.head_dim:
-        raise CheckpointError(f"{path}: partial rotary embeddings are not supported")
+        raise CheckpointError(f"{path}: partial rotary embeddings are not supported in GGUF; {HF_INSTEAD}")
 
     types = set()
 

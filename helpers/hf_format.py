@@ -1,5 +1,6 @@
 """Hugging Face folders: config.json <-> GPTConfig, weights <-> our state dict (through the
-tables in helpers.families), safetensors or pytorch_model.bin, sharded or not."""
+tables in helpers.families), safetensors or pytorch_model.bin, sharded or not. A folder of another
+family, or of a native family's variant our model lacks (`native_gap`), goes to helpers.generic."""
 from __future__ import annotations
 
 import json
@@ -18,37 +19,50 @@ LLAMA_LIKE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
 NATIVE = ("gpt2", *LLAMA_LIKE)
 
 
+def native_gap(hf: dict) -> str | None:
+    """What a config of a native family asks for that our model does not implement (a variant such
+    as Llama 3's RoPE scaling), or None. Such a folder is loaded through helpers.generic instead."""
+    mt = hf.get("model_type")
+    if mt == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        return None if act in ("gelu_new", "gelu_pytorch_tanh") else f"activation {act!r} is not GPT-2's tanh GELU"
+    if mt not in LLAMA_LIKE:
+        return None
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        return f"RoPE scaling {rope_type!r} is not implemented natively"
+    if hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
+        return f"{mt} variants with MLP biases or a non-SiLU MLP are not implemented natively"
+    if mt != "qwen2" and hf.get("attention_bias"):
+        return f"{mt} with attention_bias=true is not implemented natively"
+    if mt in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        return f"{mt} with use_sliding_window=true (a window in some layers only) is not implemented natively"
+    return None
+
+
 def config_from_hf(hf: dict, where) -> GPTConfig:
     mt = hf.get("model_type")
+    if mt not in NATIVE:
+        raise CheckpointError(f"{where}: model_type {mt!r} is not supported natively ({', '.join(NATIVE)} are)")
+    gap = native_gap(hf)
+    if gap:
+        raise CheckpointError(f"{where}: {gap}; load_model loads this folder through the generic path")
     try:
         if mt == "gpt2":
-            act = hf.get("activation_function", "gelu_new")
-            if act not in ("gelu_new", "gelu_pytorch_tanh"):
-                raise CheckpointError(f"{where}: activation {act!r} is not GPT-2's tanh GELU")
             return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                              n_head=hf["n_head"], n_embd=hf["n_embd"], intermediate_size=hf.get("n_inner"),
                              norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True,
                              tie_embeddings=hf.get("tie_word_embeddings", True))
-        if mt in LLAMA_LIKE:
-            return llama_like_config(hf, mt, where)
+        return llama_like_config(hf, mt)
     except KeyError as e:
         raise CheckpointError(f"{where}: config.json lacks {e.args[0]!r}") from None
-    raise CheckpointError(f"{where}: model_type {mt!r} is not supported natively ({', '.join(NATIVE)} are)")
 
 
-def llama_like_config(hf: dict, mt: str, where) -> GPTConfig:
+def llama_like_config(hf: dict, mt: str) -> GPTConfig:
     """Llama and the families that differ from it by one feature: Qwen2 (q, k, v biases), Qwen3
     (per-head q/k RMSNorm), Mistral (sliding window)."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise CheckpointError(f"{where}: RoPE scaling {rope.get('rope_type')!r} is not supported")
-    if hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{where}: {mt} variants with MLP biases or a non-SiLU MLP are not supported")
-    if mt != "qwen2" and hf.get("attention_bias"):
-        raise CheckpointError(f"{where}: {mt} with attention_bias=true is not supported")
-    if mt in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
-        raise CheckpointError(f"{where}: {mt} with use_sliding_window=true (a window in some layers only) is not "
-                              "supported; load it through the generic path or set use_sliding_window false")
     heads, dim = hf["num_attention_heads"], hf["hidden_size"]
     return llama_config(
         family=mt, block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
@@ -144,7 +158,11 @@ def read_weights(path: Path) -> dict:
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (path / index_name).is_file():
-            shards = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{path / index_name}: not a shard index ({type(e).__name__}: {e}); "
+                                      "download it again") from None
             sd = {}
             for shard in shards:
                 if not (path / shard).is_file():
@@ -158,16 +176,23 @@ def read_weights(path: Path) -> dict:
 
 def read_config(path: Path) -> dict:
     try:
-        return json.loads((path / "config.json").read_text())
+        hf = json.loads((path / "config.json").read_text())
     except ValueError as e:
-        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e}); download it again") from None
+    if not isinstance(hf, dict) or not isinstance(hf.get("model_type"), str):
+        raise CheckpointError(f"{path / 'config.json'}: not a model config (no model_type); pass a model folder")
+    return hf
 
 
 def load_hf_folder(path: Path) -> GPT:
     hf = read_config(path)
-    if hf.get("model_type") not in NATIVE:  # any other decoder of transformers
+    gap = native_gap(hf)
+    if hf.get("model_type") not in NATIVE or gap:  # any other decoder of transformers, or a variant
         from helpers.generic import load_generic_folder
-        return load_generic_folder(path, hf)
+        model = load_generic_folder(path, hf)
+        if gap:
+            model.provenance["note"] = f"{gap}; loaded through the generic path (transformers' own class)"
+        return model
     cfg = config_from_hf(hf, path / "config.json")
     model = GPT(cfg)
     assign_state(model, state_from_hf(read_weights(path), cfg, path), path)

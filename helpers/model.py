@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helpers.errors import ConfigError
 from helpers.head_loss import Workspace, linear_cross_entropy
 
 
@@ -47,6 +48,10 @@ class GPTConfig:
     sliding_window: int | None = None  # each token sees itself and the window - 1 before it (Mistral)
 
     def __post_init__(self):
+        kv = self.n_head if self.n_kv_head is None else self.n_kv_head
+        if min(self.n_layer, self.n_head, kv) < 1:  # checked before anything divides by them
+            raise ConfigError(f"GPTConfig: n_layer, n_head and n_kv_head must be at least 1, got {self.n_layer}, "
+                              f"{self.n_head}, {self.n_kv_head}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.intermediate_size is None:
@@ -59,7 +64,6 @@ class GPTConfig:
             (self.norm in ("layernorm", "rmsnorm"), f"norm={self.norm!r}: use 'layernorm' or 'rmsnorm'"),
             (self.pos in ("learned", "rope"), f"pos={self.pos!r}: use 'learned' or 'rope'"),
             (self.mlp in ("gelu", "swiglu"), f"mlp={self.mlp!r}: use 'gelu' or 'swiglu'"),
-            (self.n_layer >= 1 and self.n_head >= 1, "n_layer and n_head must be at least 1"),
             (self.n_embd % self.n_head == 0 or self.head_dim != self.n_embd // self.n_head,
              f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}"),
             (self.family in FAMILIES, f"family={self.family!r}: use one of {FAMILIES}"),
@@ -68,14 +72,14 @@ class GPTConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"GPTConfig: {message}")
+                raise ConfigError(f"GPTConfig: {message}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"GPTConfig: unknown fields {unknown}")
+            raise ConfigError(f"GPTConfig: unknown fields {unknown}; known: {sorted(known)}")
         return cls(**d)
 
     def to_dict(self) -> dict:

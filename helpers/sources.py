@@ -60,11 +60,14 @@ def find_in_folder(folder: Path) -> Path | None:
 
 
 def resolve(source) -> tuple[str, Path]:
-    """(kind, path) for a source: kind is "hf" (folder), "gguf" or "torch" (file)."""
+    """(kind, path) for a source: kind is "hf" (folder), "gguf" or "torch" (file). A local path comes
+    back absolute, so that provenance (the tokenizer of a child) still holds in another folder."""
     s = str(source)
     if s in EMBEDDED:
         return "gguf", embedded_path(s)
     path = Path(s).expanduser()
+    if path.exists():
+        path = path.absolute()
     if path.is_dir():
         if (path / "config.json").is_file():
             return "hf", path
@@ -112,7 +115,7 @@ def missing_part(path: Path) -> str:
 
 def resolve_tokenizer_source(source) -> tuple[str, Path | None]:
     """("gpt2", None), ("gguf", file) or ("json", tokenizer.json) for the tokenizer of a model source."""
-    from helpers.torch_format import read_sidecar
+    from helpers.torch_format import FORMAT, read_sidecar, torch_load
 
     s = str(source)
     if s in GPT2_HUB_IDS:
@@ -127,7 +130,10 @@ def resolve_tokenizer_source(source) -> tuple[str, Path | None]:
             return "gpt2", None
         raise CheckpointError(f"{path}: no tokenizer.json in this folder; add one or pass tokenizer='gpt2'")
     sidecar = read_sidecar(path)
-    spec = (sidecar or {}).get("provenance", {}).get("tokenizer")
+    if sidecar is None:  # a checkpoint copied without its .json: its provenance is inside it too
+        ck = torch_load(path)
+        sidecar = ck if ck.get("format") == FORMAT else {}
+    spec = sidecar.get("provenance", {}).get("tokenizer")
     if spec is None:
         return "gpt2", None  # nanoGPT and the student project trained on GPT-2 tokens
     return resolve_tokenizer_source(spec)

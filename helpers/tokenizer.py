@@ -17,10 +17,12 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from helpers.errors import CheckpointError
+from helpers.sources import resolve_tokenizer_source
 
 GPT2_RANKS = Path(__file__).parent / "assets" / "gpt2.tiktoken"
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 ENDOFTEXT = "<|endoftext|>"
+DOCUMENT_SEPARATORS = (ENDOFTEXT, "<|end_of_text|>")  # special tokens that end a document, by preference
 
 # GPT-2's split pattern, as tiktoken writes it for r50k_base.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -139,11 +141,10 @@ def _byte_level_encoding(name: str, tokens: list[str], merges: list[str], specia
 
 
 def encoding_from_gguf(path) -> tiktoken.Encoding:
-    import gguf  # optional until a GGUF file is used
+    from helpers.gguf_format import open_gguf  # gguf is optional until a GGUF file is used
 
     path = str(path)
-    reader = gguf.GGUFReader(path)
-    f = reader.fields
+    f = open_gguf(path).fields
 
     def get(key):
         if key not in f:
@@ -163,9 +164,8 @@ def encoding_from_gguf(path) -> tiktoken.Encoding:
 
 
 def _pattern_from_pre_tokenizer(pre: dict | None, where: str) -> str:
-    kinds = [p["type"] for p in pre.get("pretokenizers", [])] if pre and pre["type"] == "Sequence" else \
-        [pre["type"]] if pre else []
     steps = pre.get("pretokenizers", []) if pre and pre["type"] == "Sequence" else [pre] if pre else []
+    kinds = [step["type"] for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
         return GPT2_PATTERN
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
@@ -210,8 +210,6 @@ def get_encoding(source: str | Path | None = None) -> tiktoken.Encoding:
     tokenizer.json, "smollm2-135m", a GPT-2 hub id, or one of our checkpoints)."""
     if source is None or str(source) in ("gpt2", "r50k_base"):
         return gpt2_encoding()
-    from helpers.checkpoint import resolve_tokenizer_source  # circular at import time otherwise
-
     kind, where = resolve_tokenizer_source(source)
     if kind == "gpt2":
         return gpt2_encoding()
@@ -221,7 +219,9 @@ def get_encoding(source: str | Path | None = None) -> tiktoken.Encoding:
 
 
 def end_of_text(enc: tiktoken.Encoding) -> int:
-    """The id that separates documents: <|endoftext|> when the vocabulary has it."""
-    if ENDOFTEXT in enc._special_tokens:
-        return enc._special_tokens[ENDOFTEXT]
-    raise CheckpointError(f"tokenizer {enc.name} has no {ENDOFTEXT} token to separate documents")
+    """The id that separates documents: <|endoftext|> (GPT-2, SmolLM, Qwen) or <|end_of_text|> (Llama 3)."""
+    for name in DOCUMENT_SEPARATORS:
+        if name in enc._special_tokens:
+            return enc._special_tokens[name]
+    raise CheckpointError(f"tokenizer {enc.name} has none of {', '.join(DOCUMENT_SEPARATORS)} to separate "
+                          "documents; prepare the data with a tokenizer that has one, e.g. tokenizer='gpt2'")

@@ -57,6 +57,14 @@ def config_from_nanogpt_keys(sd: dict, path, n_head: int | None = None) -> GPTCo
                      bias="transformer.ln_f.bias" in sd)
 
 
+def config_of(fields, path) -> GPTConfig:
+    """The GPTConfig a checkpoint stores, or one CheckpointError when it is missing or impossible."""
+    try:
+        return GPTConfig.from_dict(fields)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: model_config is damaged ({e}); pass an intact checkpoint") from None
+
+
 def load_torch_checkpoint(path: Path) -> GPT:
     ck = torch_load(path)
     if ck.get("format") == FORMAT:
@@ -65,14 +73,11 @@ def load_torch_checkpoint(path: Path) -> GPT:
         if ck.get("model_config", {}).get("generic"):  # a transformers model (helpers.generic)
             from helpers.generic import load_generic_checkpoint
             return load_generic_checkpoint(ck["model_config"], ck["model"], dict(ck.get("provenance", {})), path)
-        try:
-            cfg = GPTConfig.from_dict(ck["model_config"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: model_config is damaged ({e})") from None
+        cfg = config_of(ck.get("model_config"), path)
         sd, provenance = ck["model"], dict(ck.get("provenance", {}))
     elif "model_args" in ck and "model" in ck:  # nanoGPT
         args = {k: v for k, v in ck["model_args"].items() if k in GPTConfig.__dataclass_fields__}
-        cfg, sd = GPTConfig(**args), _strip_prefixes(ck["model"])
+        cfg, sd = config_of(args, path), _strip_prefixes(ck["model"])
         provenance = {"format": "nanogpt", "tokenizer": "gpt2"}
     elif "model_state_dict" in ck:  # the Kaggle student project
         sd = _strip_prefixes(ck["model_state_dict"])

@@ -56,6 +56,9 @@ def test_sharded_safetensors_folder(hf_gpt2, tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     shutil.copy(path / "config.json", tmp_path)
     assert torch.allclose(logits(load_model(tmp_path)), ref(tokens()).logits, atol=1e-4)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"wte.weight": "model-0')  # cut
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a shard index .*download it again"):
+        load_model(tmp_path)
 
 
 def nanogpt_state(model: GPT, compiled: bool):
@@ -73,6 +76,9 @@ def test_nanogpt_checkpoint(hf_gpt2, tmp_path):
                 "best_val_loss": torch.tensor(3.0), "config": {"batch_size": 12}}, tmp_path / "ckpt.pt")
     loaded = load_model(tmp_path)  # a run folder with ckpt.pt inside
     assert torch.allclose(logits(loaded), logits(ours), atol=1e-6)
+    torch.save({"model_args": {**args, "n_head": 5}, "model": nanogpt_state(ours, compiled=False)}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="bad.pt: model_config is damaged .*n_embd=96 is not divisible by n_head=5"):
+        load_model(tmp_path / "bad.pt")
 
 
 def test_student_checkpoint_sizes_inferred_from_keys(tmp_path):
@@ -177,6 +183,9 @@ def test_unsupported_architecture(hf_gpt2, tmp_path):
     _, path = hf_gpt2
     shutil.copytree(path, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "model_type"}))
+    with pytest.raises(CheckpointError, match="config.json: not a model config \\(no model_type\\)"):
+        load_model(tmp_path / "m")
     cfg["model_type"] = "no-such-arch"
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="model_type 'no-such-arch' is unknown to the installed transformers"):
@@ -215,3 +224,44 @@ def test_llama_export_round_trip(tmp_path, tie):
     assert torch.allclose(back(idx).logits, logits(model, idx), atol=1e-5)
     again = load_model(tmp_path / "export")  # and back into ours
     assert torch.allclose(logits(again, idx), logits(model, idx), atol=1e-6)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 50000.0}
+
+
+@pytest.mark.parametrize("variant", [{"rope_scaling": LLAMA3_ROPE}, {"mlp_bias": True}, {"attention_bias": True}])
+def test_a_native_family_variant_our_model_lacks_loads_generically(tmp_path, variant):
+    """Llama 3.1/3.2's RoPE scaling, or biases our Llama lacks: transformers' own class through the
+    generic path (logits identical), where it used to be refused with no way to load it."""
+    from conftest import make_hf_llama
+    from helpers.generic import HFCausalLM
+    ref = make_hf_llama(tmp_path, **variant)
+    model = load_model(tmp_path)
+    assert isinstance(model, HFCausalLM) and model.config.family == "llama"
+    assert "generic path" in model.provenance["note"]
+    idx = tokens(t=40)  # past original_max_position_embeddings, where llama3 scaling matters
+    with torch.no_grad():
+        assert torch.equal(logits(model, idx), ref(idx).logits)
+
+
+def test_config_from_hf_names_the_rope_type_given_as_type(tmp_path):
+    from helpers.hf_format import config_from_hf
+    from conftest import LLAMA_KW
+    hf = {"model_type": "llama", **LLAMA_KW, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    with pytest.raises(CheckpointError, match="x: RoPE scaling 'linear' is not implemented natively"):
+        config_from_hf(hf, "x")
+
+
+def test_a_child_of_a_relative_parent_path_finds_its_tokenizer_from_another_folder(hf_gpt2, tmp_path, monkeypatch):
+    """Provenance holds absolute paths: notebooks run in the run folder, not where the path was typed."""
+    from helpers.sources import resolve_tokenizer_source
+    _, path = hf_gpt2
+    shutil.copytree(path, tmp_path / "parent")
+    (tmp_path / "parent" / "tokenizer.json").write_text("{}")  # only its place matters here
+    monkeypatch.chdir(tmp_path)
+    model = load_model("parent")
+    assert model.provenance["source"] == str(tmp_path / "parent")
+    ckpt = save_checkpoint(tmp_path / "run" / "child.pt", model)
+    monkeypatch.chdir(tmp_path / "run")
+    assert resolve_tokenizer_source(ckpt) == ("json", tmp_path / "parent" / "tokenizer.json")

@@ -252,3 +252,43 @@ def test_overwrite_replaces_a_damaged_meta_json(tmp_path):
     meta = prepare(str(src), tmp_path / "out", overwrite=True, progress=False)
     assert read_meta(tmp_path / "out") == meta
     verify(tmp_path / "out")
+
+
+def test_jsonl_records_whose_text_is_not_a_string_are_skipped(tmp_path):
+    src = tmp_path / "d.jsonl"
+    rows = [{"text": f"row {i} " * 40} for i in range(20)] + [{"text": 5}, {"text": None}, {"text": ["a"]}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="d.jsonl:21: not a JSON object with a 'text' string"):
+        meta = prepare(str(src), tmp_path / "out", val_fraction=0.2, progress=False)
+    assert meta["skipped"]["count"] == 3
+    assert sum(meta["splits"][s]["documents"] for s in meta["splits"]) == 20
+    with pytest.raises(DataError, match="d.jsonl:21: not a JSON object with a 'text' string"):
+        prepare(str(src), tmp_path / "strict", strict=True, progress=False)
+
+
+def test_meta_json_without_params_names_the_folder(tmp_path):
+    """A meta.json made by something else (valid JSON, no params) is another dataset, said in one line."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "meta.json").write_text('{"version": 1}')
+    with pytest.raises(DataError, match="holds a different dataset.*overwrite=True"):
+        prepare("stdlib", tmp_path / "out", max_docs=5, progress=False)
+
+
+def test_verify_names_a_missing_bin_file(tmp_path):
+    prepare("stdlib", tmp_path / "s", max_docs=10, progress=False, val_fraction=0.2)
+    (tmp_path / "s" / "val.bin").unlink()
+    with pytest.raises(DataError, match="val.bin: missing; prepare the data again"):
+        verify(tmp_path / "s")
+
+
+def test_hf_dataset_rows_without_the_text_field_are_named(tmp_path, monkeypatch):
+    """hf:<id> with the wrong text_field: one error naming the row, the fields it has and the fix."""
+    import types
+    rows = [{"content": f"row {i} " * 30, "id": i} for i in range(5)]
+    fake = types.SimpleNamespace(load_dataset=lambda name, split, streaming: iter(rows))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(DataError, match=r"hf:some/set:0: no 'text' string in this row \(fields: \['content', 'id'\]\); "
+                                        "pass text_field=<the text column>"):
+        prepare("hf:some/set", tmp_path / "a", strict=True, progress=False)
+    meta = prepare("hf:some/set", tmp_path / "b", text_field="content", val_fraction=0.4, progress=False)
+    assert sum(meta["splits"][s]["documents"] for s in meta["splits"]) == 5

@@ -78,9 +78,10 @@ def test_child_logits_equal_the_truncated_parent(pair, keep):
     idx = tokens(t=20)  # longer than Gemma 2's sliding window of 6: layer types must follow their blocks
     with torch.no_grad():
         assert torch.allclose(child(idx)[0], truncated_logits(parent, idx, keep), atol=1e-5)
-    # transformers' own cache, indexed by layer, gives the same greedy tokens as recomputing
-    start = tokens(n=2, t=4)
-    assert torch.equal(child.generate(start, 12, temperature=0), child.generate(start, 12, temperature=0, use_cache=False))
+    if keep != list(range(len(keep))):  # renumbered blocks: transformers' own cache, indexed by layer_idx,
+        start = tokens(n=2, t=4)  # gives the same greedy tokens as recomputing, past Gemma 2's window
+        cached = child.generate(start, 8, temperature=0)
+        assert torch.equal(cached, child.generate(start, 8, temperature=0, use_cache=False))
 
 
 def test_training_the_child_never_changes_the_parent(pair):
@@ -92,10 +93,8 @@ def test_training_the_child_never_changes_the_parent(pair):
     child.train()
     opt = torch.optim.AdamW(child.parameters(), lr=1e-2)
     idx = tokens(t=20)
-    for _ in range(3):
-        child(idx[:, :-1], idx[:, 1:])[1].backward()
-        opt.step()
-        opt.zero_grad()
+    child(idx[:, :-1], idx[:, 1:])[1].backward()
+    opt.step()  # one step changes every trained tensor
     assert all(torch.equal(v, before[k]) for k, v in parent.state_dict().items())
     assert not torch.equal(inherit(parent, 2)(idx)[0], child(idx)[0])
 
@@ -114,21 +113,33 @@ def test_export_and_checkpoint_round_trips(pair, tmp_path):
         assert torch.equal(load_model(tmp_path / "export")(idx)[0], expected)
         again = load_model(save_checkpoint(tmp_path / "c.pt", child))
         assert torch.equal(again(idx)[0], expected) and again.provenance["layers"] == [0, 1]
+    ck = torch.load(tmp_path / "c.pt", weights_only=True)
+    dropped = sorted(ck["model"])[-1]
+    torch.save({**ck, "model": {k: v for k, v in ck["model"].items() if k != dropped}}, tmp_path / "d.pt")
+    with pytest.raises(CheckpointError, match=f"d.pt: missing weights \\['{dropped}'\\]"):
+        load_model(tmp_path / "d.pt")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from helpers.data import prepare
+    """stdlib documents in a 320-token byte-level BPE trained here: the models' vocabulary, and so
+    their embeddings, heads and checkpoints, stay tiny (GPT-2's 50,257 made each run ~4x slower)."""
+    from test_tokenizer import train_bpe
+    from helpers.data import prepare, stdlib_files
+    tok = tmp_path_factory.mktemp("tokenizer")
+    train_bpe(tok, [f.read_text(errors="replace") for f in stdlib_files()[1][:30]], 320)
+    (tok / "config.json").write_text("{}")  # a model folder in name only: what prepare's tokenizer= takes
     path = tmp_path_factory.mktemp("generic_data")
-    prepare("stdlib", path, max_docs=30, val_fraction=0.2, progress=False)  # GPT-2 tokens
-    return path
+    meta = prepare("stdlib", path, tokenizer=str(tok), max_docs=30, val_fraction=0.2, progress=False)
+    return path, meta["tokenizer"]["n_vocab"]
 
 
 @pytest.mark.parametrize("arch", ["GPTNeoXConfig", "Phi3Config", "Gemma2Config"])
 def test_training_run_killed_and_resumed_logs_the_same_losses(arch, data, tmp_path, monkeypatch):
     import helpers.train as T
-    make_hf(arch, tmp_path / "parent", vocab=50257)
-    base = dict(parent=str(tmp_path / "parent"), n_layers=2, data_dir=str(data), max_iters=4, batch_size=2,
+    data_dir, vocab = data
+    make_hf(arch, tmp_path / "parent", vocab=vocab)
+    base = dict(parent=str(tmp_path / "parent"), n_layers=2, data_dir=str(data_dir), max_iters=4, batch_size=2,
                 block_size=32, eval_interval=2, eval_iters=2, log_interval=1, warmup_iters=2, learning_rate=1e-3,
                 progress=False)
     T.train(T.TrainConfig.from_dict({**base, "out_dir": str(tmp_path / "full")}))

@@ -73,16 +73,21 @@ def write_gguf(path, model, types=None, tokenizer=None):
     return stored
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_gguf_f32_round_trip_equals_source(tmp_path, tie):
-    make_hf_llama(tmp_path / "hf", tie=tie)
-    source = load_model(tmp_path / "hf")
+def assert_gguf_equals_hf_folder(hf_folder, tmp_path):
+    """The Hugging Face folder written as a float32 GGUF file loads with the same config and logits."""
+    source = load_model(hf_folder)
     write_gguf(tmp_path / "m.gguf", source)
     loaded = load_model(tmp_path / "m.gguf")
     assert loaded.config.to_dict() == {**source.config.to_dict(), "norm_eps": pytest.approx(source.config.norm_eps)}
     idx = tokens()
     with torch.no_grad():
         assert torch.allclose(loaded(idx)[0], source(idx)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_gguf_f32_round_trip_equals_source(tmp_path, tie):
+    make_hf_llama(tmp_path / "hf", tie=tie)
+    assert_gguf_equals_hf_folder(tmp_path / "hf", tmp_path)
 
 
 def test_gguf_quantized_types_dequantize_exactly(tmp_path):
@@ -137,7 +142,7 @@ def test_truncated_and_foreign_gguf(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "bert.gguf"), "bert")
     w.add_tensor("x", np.zeros((2, 2), np.float32))
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    with pytest.raises(CheckpointError, match="architecture 'bert' is not supported"):
+    with pytest.raises(CheckpointError, match="architecture .bert. is not supported .*Hugging Face folder instead"):
         load_model(tmp_path / "bert.gguf")
 
 

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from conftest import tokens
 from helpers.checkpoint import load_model
+from helpers.errors import ConfigError
 from helpers.model import GPT, GPTConfig, KVCache, llama_config
 
 
@@ -80,6 +81,10 @@ def test_bad_config_is_rejected():
         GPTConfig(n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="norm"):
         GPTConfig(norm="batchnorm")
+    with pytest.raises(ConfigError, match="n_layer, n_head and n_kv_head must be at least 1"):
+        GPTConfig(n_head=0)
+    with pytest.raises(ConfigError, match="n_layer, n_head and n_kv_head must be at least 1"):
+        GPTConfig(n_kv_head=0)
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -1,8 +1,10 @@
 import glob
 import sysconfig
+from pathlib import Path
 
 import pytest
 
+from helpers.errors import CheckpointError
 from helpers.tokenizer import QWEN2_PATTERN, copy_encoding, encoding_from_tokenizer_json, end_of_text, get_encoding
 
 MULTILINGUAL = [
@@ -44,20 +46,50 @@ def test_gpt2_rank_file_hash_is_checked(tmp_path, monkeypatch):
         tok.gpt2_encoding.cache_clear()
 
 
+def train_bpe(path, texts, vocab_size, special_tokens=("<|endoftext|>",), pre_tokenizer=None, normalizer=None,
+              alphabet=True):
+    """A byte-level BPE trained here on `texts`, saved as path/tokenizer.json (GPT-2's pre-tokenizer
+    unless another is given); returns the tokenizers.Tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    if normalizer is not None:
+        tk.normalizer = normalizer
+    tk.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if alphabet else [])
+    tk.train_from_iterator(texts, trainer)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    tk.save(str(Path(path) / "tokenizer.json"))
+    return tk
+
+
+def write_gguf_tokenizer(path, arch, pre, tokenizer_json):
+    """A GGUF file holding only a tokenizer (llama.cpp's fields) built from a tokenizer.json."""
+    import json
+
+    import gguf
+    model = json.loads(Path(tokenizer_json).read_text())["model"]
+    tokens = sorted(model["vocab"], key=model["vocab"].get)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return path
+
+
 @pytest.fixture(scope="module")
 def trained_tokenizer(tmp_path_factory):
     """A byte-level BPE with SmolLM2's pre-tokenizer (digits split, then GPT-2's regex), trained here."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=3000, special_tokens=["<|endoftext|>", "<|im_start|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(corpus(60), trainer)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tk.save(str(path))
-    return path
+    from tokenizers import pre_tokenizers
+    path = tmp_path_factory.mktemp("tok")
+    train_bpe(path, corpus(60), 3000, ["<|endoftext|>", "<|im_start|>"],
+              pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]))
+    return path / "tokenizer.json"
 
 
 def hf_ids(path, texts):
@@ -75,22 +107,14 @@ def test_tokenizer_json_equals_transformers(trained_tokenizer):
 
 
 def test_gguf_tokenizer_equals_transformers(trained_tokenizer, tmp_path):
-    import json
-    gguf = pytest.importorskip("gguf")
-    spec = json.loads(trained_tokenizer.read_text())
-    vocab = spec["model"]["vocab"]
-    tokens = sorted(vocab, key=vocab.get)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
-    w.add_token_merges(merges)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    enc = get_encoding(tmp_path / "t.gguf")
+    pytest.importorskip("gguf")
+    enc = get_encoding(write_gguf_tokenizer(tmp_path / "t.gguf", "llama", "smollm", trained_tokenizer))
     texts = corpus()
     assert [enc.encode_ordinary(t) for t in texts] == hf_ids(trained_tokenizer, texts)
+    data = (tmp_path / "t.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.gguf: not a readable GGUF file .*download it again"):
+        get_encoding(tmp_path / "cut.gguf")
 
 
 def test_unsupported_pre_tokenizer_is_named(trained_tokenizer, tmp_path):
@@ -130,15 +154,9 @@ def test_smollm2_tokenizer_equals_transformers_on_its_own_vocabulary():
 def test_copy_encoding_encodes_like_the_original_for_plain_and_model_encodings(tmp_path):
     # the data preparation encodes on per-thread copies; a vocabulary lacking bytes (trained on
     # ASCII only) makes a ModelEncoding, whose copy must keep dropping those bytes
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     from helpers.data import encode_ids
     from helpers.tokenizer import ModelEncoding, copy_encoding, gpt2_encoding
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tk.train_from_iterator(["def add(a, b):\n    return a + b\n"] * 50,
-                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False))
-    tk.save(str(tmp_path / "tokenizer.json"))
+    train_bpe(tmp_path, ["def add(a, b):\n    return a + b\n"] * 50, 300, alphabet=False)
     narrow = encoding_from_tokenizer_json(tmp_path / "tokenizer.json")
     assert isinstance(narrow, ModelEncoding)
     text = "def mul(a, b):\n    return a * b  # café ✓\n"
@@ -154,18 +172,11 @@ DECOMPOSED = "Cafe\u0301 cre\u0300me bru\u0302le\u0301e, A\u030angstro\u0308m, �
 def test_qwen_tokenizer_json_equals_transformers(tmp_path):
     """Qwen's pre-tokenizer (Split with its own regex, byte-level without regex, NFC) on code,
     Unicode (decomposed accents that NFC composes) and digits, through get_encoding(folder)."""
-    import json
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    tk = Tokenizer(models.BPE())
-    tk.normalizer = normalizers.NFC()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2500, special_tokens=["<|endoftext|>", "<|im_start|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(corpus(60), trainer)
-    tk.save(str(tmp_path / "tokenizer.json"))
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    train_bpe(tmp_path, corpus(60), 2500, ["<|endoftext|>", "<|im_start|>"],
+              pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+              normalizers.NFC())
     (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
     enc = get_encoding(tmp_path)
     texts = corpus(150) + [DECOMPOSED, "0123456789 12345678901234567890 3.14e-10 x1y22z333", "I'LL've 'S"]
@@ -174,16 +185,35 @@ def test_qwen_tokenizer_json_equals_transformers(tmp_path):
     assert copy_encoding(enc).encode_ordinary(DECOMPOSED) == enc.encode_ordinary(DECOMPOSED)
     assert end_of_text(enc) == 0
     # the same vocabulary in a GGUF file with llama.cpp's pre-tokenizer name "qwen2"
-    gguf = pytest.importorskip("gguf")
-    vocab = tk.get_vocab()
-    tokens = sorted(vocab, key=vocab.get)
-    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "qwen2")
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
-    merges = json.loads(tk.to_str())["model"]["merges"]
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    pytest.importorskip("gguf")
+    write_gguf_tokenizer(tmp_path / "t.gguf", "qwen2", "qwen2", tmp_path / "tokenizer.json")
     from_gguf = get_encoding(tmp_path / "t.gguf")
     assert [from_gguf.encode_ordinary(t) for t in texts] == [enc.encode_ordinary(t) for t in texts]
+
+
+def test_checkpoint_without_its_sidecar_keeps_its_tokenizer(trained_tokenizer, tmp_path):
+    """A step_*.pt copied without its .json still names its tokenizer (read from the checkpoint
+    itself), instead of silently falling back to GPT-2's."""
+    from helpers.checkpoint import save_checkpoint
+    from helpers.model import GPT, GPTConfig
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "config.json").write_text("{}")
+    (parent / "tokenizer.json").write_bytes(trained_tokenizer.read_bytes())
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=3000))
+    model.provenance = {"tokenizer": str(parent)}
+    ckpt = save_checkpoint(tmp_path / "run" / "step_000001.pt", model)
+    ckpt.with_suffix(".json").unlink()
+    assert get_encoding(ckpt).name == "hf:parent"
+    assert get_encoding(tmp_path / "run").name == "hf:parent"
+
+
+@pytest.mark.parametrize("specials, expected", [(["<|begin_of_text|>", "<|end_of_text|>"], 1), (["<s>", "</s>"], None)])
+def test_documents_end_with_llama3s_end_of_text_or_a_clear_error(tmp_path, specials, expected):
+    train_bpe(tmp_path, MULTILINGUAL, 300, specials)
+    enc = encoding_from_tokenizer_json(tmp_path / "tokenizer.json")
+    if expected is None:
+        with pytest.raises(CheckpointError, match="none of <\\|endoftext\\|>, <\\|end_of_text\\|>.*tokenizer='gpt2'"):
+            end_of_text(enc)
+    else:
+        assert end_of_text(enc) == expected
