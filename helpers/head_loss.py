@@ -2,7 +2,10 @@
 block over the vocabulary, with both gradients taken during the forward pass.
 
 `GPT.forward` calls `linear_cross_entropy` in one place (training on the CPU in float32); autocast,
-torch.compile and GPUs keep the standard head + F.cross_entropy.
+torch.compile and GPUs keep the standard head + F.cross_entropy. Also here: `cross_entropy_sum`, the
+loss alone without gradient for evaluation (no (tokens, vocab) logits kept), and knowledge
+distillation (`Distill`, passed to `GPT.forward`): fused block by block on the CPU
+(`LinearDistillation`), from full logits elsewhere (`distillation_loss`).
 """
 from __future__ import annotations
 
