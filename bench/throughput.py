@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=4, help="alternations of the contenders; the best round counts")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd versions of both")
+    ap.add_argument("--cases", default="train,forward,val", help="comma-separated subset of train,forward,val")
     ap.add_argument("--json", default=None, help="default bench/throughput_<family>.json")
     args = ap.parse_args()
     import transformers
@@ -100,11 +101,12 @@ def main():
         return step
 
     tokens = args.batch * args.seq
-    train = alternate({k: train_fn(k, m) for k, m in contenders.items()}, rounds=args.rounds, repeats=args.repeats)
-    evals = alternate({k: eval_fn(k, m) for k, m in contenders.items()}, rounds=args.rounds, repeats=args.repeats)
-    vals = alternate({k: val_loss_fn(k, m) for k, m in contenders.items()}, rounds=args.rounds, repeats=args.repeats)
+    cases = {"train": ("training step", train_fn), "forward": ("no-grad forward", eval_fn),
+             "val": ("val loss (loss only)", val_loss_fn)}
     rows, data = [], {}
-    for kind, res in (("training step", train), ("no-grad forward", evals), ("val loss (loss only)", vals)):
+    for case in args.cases.split(","):
+        kind, fn = cases[case]
+        res = alternate({k: fn(k, m) for k, m in contenders.items()}, rounds=args.rounds, repeats=args.repeats)
         base = res["transformers"]
         for name, t in res.items():
             rows.append([kind, name, f"{tokens / t:,.0f}", f"{base / t:.2f}x"])

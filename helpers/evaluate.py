@@ -182,7 +182,8 @@ def downstream(models: dict, tasks: list[str], limit: int | float | None = None,
         from lm_eval.tasks import TaskManager
     except ImportError:
         from helpers.errors import ConfigError
-        raise ConfigError("downstream tasks need lm-evaluation-harness: pip install -e '.[eval]' (or pip install lm-eval)") from None
+        raise ConfigError("downstream tasks need lm-evaluation-harness: pip install -e '.[eval]' "
+                          "(or pip install 'lm-eval[hf]')") from None
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     rows = []
     for name, source in models.items():
