@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from helpers.checkpoint import load_model, read_sidecar, resolve
 from helpers.data import iter_sequential, open_split
-from helpers.errors import ConfigError
+from helpers.errors import ConfigError, HelpersError
 from helpers.head_loss import cross_entropy_sum
 from helpers.model import GPT, attention_mask
 
@@ -35,7 +36,13 @@ def val_loss_full(model: GPT, data_dir, block_size: int = 256, batch_size: int =
     total_loss, count = 0.0, 0
     block_size = min(block_size, model.config.block_size)
     for x, y in iter_sequential(data, block_size, batch_size, device, max_tokens):
-        loss, n = cross_entropy_sum(model.hidden(x).flatten(0, 1), model.lm_head.weight, y.flatten(), model._workspace)
+        if isinstance(model, GPT):
+            loss, n = cross_entropy_sum(model.hidden(x).flatten(0, 1), model.lm_head.weight, y.flatten(),
+                                        model._workspace)
+        else:  # a transformers model (generic path): its own head, then the loss
+            logits = model(x)[0].float()
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
+            n = int((y >= 0).sum())
         total_loss += loss.item()
         count += n
     mean = total_loss / count
@@ -104,7 +111,7 @@ def tokens_seen(source) -> int | None:
     """Training tokens recorded in a checkpoint's sidecar (None for parents and foreign files)."""
     try:
         kind, path = resolve(source)
-    except Exception:
+    except HelpersError:  # not a local file or folder (a hub id offline, say): no record of training
         return None
     side = read_sidecar(path) if kind == "torch" else None
     return side.get("tokens_seen") if side else None
@@ -116,11 +123,11 @@ def evaluate_models(models: dict, data_dir, out_dir=None, block_size: int = 256,
     out_dir/eval.csv and eval.json when out_dir is given."""
     rows = []
     for name, source in models.items():
-        model = source if isinstance(source, GPT) else load_model(source, device=device)
+        model = source if isinstance(source, torch.nn.Module) else load_model(source, device=device)
         model.to(device)
         res = val_loss_full(model, data_dir, block_size, batch_size, device, max_tokens)
         rows.append({"model": name, "layers": model.config.n_layer, "params": model.num_params(),
-                     "tokens_seen": tokens_seen(source) if not isinstance(source, GPT) else None, **res})
+                     "tokens_seen": tokens_seen(source) if not isinstance(source, torch.nn.Module) else None, **res})
     df = pd.DataFrame(rows)
     if out_dir is not None:
         out = Path(out_dir)
@@ -181,13 +188,13 @@ def downstream(models: dict, tasks: list[str], limit: int | float | None = None,
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        from helpers.errors import ConfigError
+        from helpers.errors import ConfigError, HelpersError
         raise ConfigError("downstream tasks need lm-evaluation-harness: pip install -e '.[eval]' "
                           "(or pip install 'lm-eval[hf]')") from None
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     rows = []
     for name, source in models.items():
-        model = source if isinstance(source, GPT) else load_model(source)
+        model = source if isinstance(source, torch.nn.Module) else load_model(source)
         with tempfile.TemporaryDirectory() as tmp:
             folder = export_for_harness(model, tmp)
             lm = HFLM(pretrained=str(folder), device=device, batch_size=batch_size, dtype="float32")
