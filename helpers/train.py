@@ -301,6 +301,7 @@ def train(cfg: TrainConfig) -> dict:
     t_start, tokens_timed = time.time(), 0
     t_window = time.time()
     train_sum, train_steps = torch.zeros((), device=device), 0  # training losses since the last evaluation
+    best_aside = None  # (weights, state) of the best evaluation since the last checkpoint, not yet on disk
     while True:
         if (step % cfg.eval_interval == 0 or step == total) and step != resumed_at:
             losses = estimate_loss(model, splits, cfg, step, device, autocast)
@@ -331,9 +332,11 @@ def train(cfg: TrainConfig) -> dict:
                     if improved:
                         for src, dst in ((path, out_dir / "best.pt"), (path.with_suffix(".json"), out_dir / "best.json")):
                             link_or_copy(src, dst)
-                elif improved:  # weights only: a third of a resumable checkpoint's bytes
-                    state_out.pop("optimizer")
-                    save_checkpoint(out_dir / "best.pt", raw_model, **state_out)
+                    elif best_aside is not None:  # a best seen since the last checkpoint: weights only
+                        save_checkpoint(out_dir / "best.pt", best_aside[0], **best_aside[1])
+                    best_aside = None
+                elif improved:  # held in memory until the next checkpoint: no disk write per improvement
+                    best_aside = (WeightsAside(raw_model), {k: v for k, v in state_out.items() if k != "optimizer"})
                 for old in sorted(out_dir.glob("step_*.pt"))[:-cfg.keep_last]:
                     old.unlink()
                     old.with_suffix(".json").unlink(missing_ok=True)
@@ -381,6 +384,23 @@ def train(cfg: TrainConfig) -> dict:
     if ddp:
         dist.destroy_process_group()
     return record
+
+
+class WeightsAside:
+    """A copy of a model's weights on the CPU (tied tensors stay tied), with what save_checkpoint
+    reads from a model: config, provenance, state_dict(), num_params()."""
+
+    def __init__(self, model: GPT):
+        copies = {}
+        self._state = {k: copies.setdefault(v.data_ptr(), v.detach().to("cpu", copy=True))
+                       for k, v in model.state_dict().items()}
+        self.config, self.provenance, self._n = model.config, dict(model.provenance), model.num_params()
+
+    def state_dict(self):
+        return self._state
+
+    def num_params(self):
+        return self._n
 
 
 def checkpoint_due(step: int, total: int, cfg: TrainConfig) -> bool:
