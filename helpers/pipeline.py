@@ -25,15 +25,18 @@ REPO = NOTEBOOKS.parent
 PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef main():\n", "The standard library"]
 
 PRESETS: dict[str, dict] = {
-    # The README's main command: a real pretrained parent (SmolLM2-135M, shipped in a wheel),
-    # its first half of the layers, the Python standard library as data, 2-core CPU in < 15 min.
+    # The README's main command: a real pretrained parent (SmolLM2-135M, shipped in a wheel), half of
+    # its layers chosen three ways (first half, block influence) and scratch at one budget, the
+    # Python standard library as data, 2-core CPU in < 15 min. The recipe was tuned with short runs
+    # (bench/tune_demo.py, table in BENCHMARKS.md): a low lr keeps what the child inherited.
     "demo": dict(parent="smollm2-135m", n_layers=None, source="stdlib", tokenizer="smollm2-135m",
-                 max_tokens=1_000_000, max_docs=None, val_fraction=0.015, max_iters=80, batch_size=2,
-                 block_size=256, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=5,
-                 eval_interval=10, eval_iters=4, eval_block_size=256, attention_tokens=128,
-                 max_new_tokens=24, gpu=dict(max_iters=600, batch_size=16, block_size=512, eval_interval=50,
-                                            eval_iters=20, eval_block_size=512, max_tokens=20_000_000,
-                                            val_fraction=0.01)),
+                 max_tokens=1_000_000, max_docs=None, val_fraction=0.015, max_iters=32, batch_size=4,
+                 block_size=256, grad_accum=1, learning_rate=3e-4, min_lr=3e-5, warmup_iters=5,
+                 eval_interval=8, eval_iters=1, eval_block_size=256, attention_tokens=128, max_new_tokens=24,
+                 compare="first,block-influence,scratch", strategy="block-influence", calib_batches=8,
+                 ckpt_interval=0, eval_train=False,
+                 gpu=dict(max_iters=600, batch_size=16, block_size=512, eval_interval=50, eval_iters=20,
+                          eval_block_size=512, max_tokens=20_000_000, val_fraction=0.01)),
     # The same path at toy sizes for the tests; the parent is pre-trained here from scratch.
     "smoke": dict(parent="pretrain", parent_shape=dict(n_layer=4, n_head=2, n_embd=64, block_size=128,
                                                        vocab_size=50257),
