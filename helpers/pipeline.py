@@ -3,10 +3,12 @@
     python -m helpers.pipeline [--preset demo|smoke|gpt2-owt] [--out DIR] [key=value ...]
 
 Steps, each an executed notebook kept in the run folder as the record:
-01 data -> (parent pre-trained from scratch here, when the preset says so: the paper's Algorithm 2)
--> 02 inherit -> 03 train the inherited child -> 03 train a scratch model of the same shape on the
-same token budget -> 04 evaluate -> 05 plots. A failing notebook stops the pipeline with the path
-of its executed copy and the failing cell's error.
+01 data -> (parent pre-trained from scratch here, when the preset says so) -> 02 inherit (layer
+scores, every strategy's untrained child) -> 03 once per arm of `compare` (default: the inherited
+child and a scratch model of the same shape), all on the same token budget and recipe -> 04
+evaluate -> 05 plots. With grow=true, the paper's Algorithm 2 instead: rounds of 02-03-04 with a
+growing child until it reaches the parent's val loss. A failing notebook stops the pipeline with
+the path of its executed copy and the failing cell's error.
 """
 from __future__ import annotations
 

@@ -5,9 +5,10 @@
 
 `init` chooses the starting point: "inherit" (the first n_layers of `parent`), "scratch" (the same
 shape, randomly initialised: the paper's baseline), "resume" (the run in out_dir), or the path of
-any checkpoint. Every eval_interval steps one JSON line goes to out_dir/metrics.jsonl and a
-checkpoint is written atomically; a run killed at any moment and resumed logs the same losses as
-one that never stopped.
+any checkpoint; an inherited child keeps the blocks `strategy` (or `layers`) chooses. Every
+eval_interval steps one JSON line goes to out_dir/metrics.jsonl, and every ckpt_interval steps
+(default: at every evaluation) a checkpoint is written atomically; a run killed at any moment and
+resumed logs the same losses as one that never stopped.
 """
 import dataclasses
 import json
