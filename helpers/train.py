@@ -127,7 +127,7 @@ def build_model(cfg: TrainConfig) -> tuple[GPT, dict | None]:
                     if cfg.strategy in SCORE_OF and cfg.layers is None else None
                 child = inherit(parent, n, cfg.layers, cfg.strategy, cfg.copy, tokens)
         except ValueError as e:
-            raise ConfigError(f"n_layers: {e}") from None
+            raise ConfigError(str(e)) from None
         if cfg.init == "scratch":
             torch.manual_seed(cfg.seed)
             scratch = GPT(child.config)
@@ -307,7 +307,7 @@ def train(cfg: TrainConfig) -> dict:
         if (step % cfg.eval_interval == 0 or step == total) and step != resumed_at:
             losses = estimate_loss(model, splits, cfg, step, device, autocast)
             if not cfg.eval_train:  # the mean loss of this process's training steps since the last evaluation
-                losses["train"] = (train_sum / train_steps).item() if train_steps else None
+                losses["train"] = (train_sum * world / train_steps).item() if train_steps else None
                 train_sum, train_steps = torch.zeros((), device=device), 0
             now = time.time()
             tps = tokens_timed / (now - t_window) if tokens_timed else None
