@@ -3,10 +3,12 @@
     python -m helpers.pipeline [--preset demo|smoke|gpt2-owt] [--out DIR] [key=value ...]
 
 Steps, each an executed notebook kept in the run folder as the record:
-01 data -> (parent pre-trained from scratch here, when the preset says so: the paper's Algorithm 2)
--> 02 inherit -> 03 train the inherited child -> 03 train a scratch model of the same shape on the
-same token budget -> 04 evaluate -> 05 plots. A failing notebook stops the pipeline with the path
-of its executed copy and the failing cell's error.
+01 data -> (parent pre-trained from scratch here, when the preset says so) -> 02 inherit (layer
+scores, every strategy's untrained child) -> 03 once per arm of `compare` (default: the inherited
+child and a scratch model of the same shape), all on the same token budget and recipe -> 04
+evaluate -> 05 plots. With grow=true, the paper's Algorithm 2 instead: rounds of 02-03-04 with a
+growing child until it reaches the parent's val loss. A failing notebook stops the pipeline with
+the path of its executed copy and the failing cell's error.
 """
 from __future__ import annotations
 
@@ -28,15 +30,18 @@ REPO = NOTEBOOKS.parent
 PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef main():\n", "The standard library"]
 
 PRESETS: dict[str, dict] = {
-    # The README's main command: a real pretrained parent (SmolLM2-135M, shipped in a wheel),
-    # its first half of the layers, the Python standard library as data, 2-core CPU in < 15 min.
+    # The README's main command: a real pretrained parent (SmolLM2-135M, shipped in a wheel), half of
+    # its layers chosen three ways (first half, block influence) and scratch at one budget, the
+    # Python standard library as data, 2-core CPU in < 15 min. The recipe was tuned with short runs
+    # (bench/tune_demo.py, table in BENCHMARKS.md): a low lr keeps what the child inherited.
     "demo": dict(parent="smollm2-135m", n_layers=None, source="stdlib", tokenizer="smollm2-135m",
-                 max_tokens=1_000_000, max_docs=None, val_fraction=0.015, max_iters=80, batch_size=2,
-                 block_size=256, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=5,
-                 eval_interval=10, eval_iters=4, eval_block_size=256, attention_tokens=128,
-                 max_new_tokens=24, gpu=dict(max_iters=600, batch_size=16, block_size=512, eval_interval=50,
-                                            eval_iters=20, eval_block_size=512, max_tokens=20_000_000,
-                                            val_fraction=0.01)),
+                 max_tokens=1_000_000, max_docs=None, val_fraction=0.015, max_iters=32, batch_size=4,
+                 block_size=256, grad_accum=1, learning_rate=3e-4, min_lr=3e-5, warmup_iters=5,
+                 eval_interval=8, eval_iters=1, eval_block_size=256, attention_tokens=128, max_new_tokens=24,
+                 compare="first,block-influence,scratch", strategy="block-influence", calib_batches=8,
+                 ckpt_interval=0, eval_train=False,
+                 gpu=dict(max_iters=600, batch_size=16, block_size=512, eval_interval=50, eval_iters=20,
+                          eval_block_size=512, max_tokens=20_000_000, val_fraction=0.01)),
     # The same path at toy sizes for the tests; the parent is pre-trained here from scratch.
     "smoke": dict(parent="pretrain", parent_shape=dict(n_layer=4, n_head=2, n_embd=64, block_size=128,
                                                        vocab_size=50257),

@@ -6,9 +6,10 @@
 
 `init` chooses the starting point: "inherit" (the first n_layers of `parent`), "scratch" (the same
 shape, randomly initialised: the paper's baseline), "resume" (the run in out_dir), or the path of
-any checkpoint. Every eval_interval steps one JSON line goes to out_dir/metrics.jsonl and a
-checkpoint is written atomically; a run killed at any moment and resumed logs the same losses as
-one that never stopped.
+any checkpoint; an inherited child keeps the blocks `strategy` (or `layers`) chooses. Every
+eval_interval steps one JSON line goes to out_dir/metrics.jsonl, and every ckpt_interval steps
+(default: at every evaluation) a checkpoint is written atomically; a run killed at any moment and
+resumed logs the same losses as one that never stopped.
 """
 import dataclasses
 import json
@@ -136,7 +137,7 @@ def build_model(cfg: TrainConfig) -> tuple[GPT, dict | None]:
                     if cfg.strategy in SCORE_OF and cfg.layers is None else None
                 child = inherit(parent, n, cfg.layers, cfg.strategy, cfg.copy, tokens)
         except ValueError as e:
-            raise ConfigError(f"n_layers: {e}") from None
+            raise ConfigError(str(e)) from None
         if cfg.init == "scratch":
             torch.manual_seed(cfg.seed)
             scratch = GPT(child.config) if isinstance(child, GPT) else scratch_like(child, cfg.seed)
@@ -368,11 +369,12 @@ def train(cfg: TrainConfig) -> dict:
     t_start, tokens_timed = time.time(), 0
     t_window = time.time()
     train_sum, train_steps = torch.zeros((), device=device), 0  # training losses since the last evaluation
+    best_aside = None  # (weights, state) of the best evaluation since the last checkpoint, not yet on disk
     while True:
         if (step % cfg.eval_interval == 0 or step == total) and step != resumed_at:
             losses = estimate_loss(model, splits, cfg, step, device, autocast)
             if not cfg.eval_train:  # the mean loss of this process's training steps since the last evaluation
-                losses["train"] = (train_sum / train_steps).item() if train_steps else None
+                losses["train"] = (train_sum * world / train_steps).item() if train_steps else None
                 train_sum, train_steps = torch.zeros((), device=device), 0
             now = time.time()
             tps = tokens_timed / (now - t_window) if tokens_timed else None
@@ -406,9 +408,11 @@ def train(cfg: TrainConfig) -> dict:
                     if improved:
                         for src, dst in ((path, out_dir / "best.pt"), (path.with_suffix(".json"), out_dir / "best.json")):
                             link_or_copy(src, dst)
-                elif improved:  # weights only: a third of a resumable checkpoint's bytes
-                    state_out.pop("optimizer")
-                    save_checkpoint(out_dir / "best.pt", saved_model, **state_out)
+                    elif best_aside is not None:  # a best seen since the last checkpoint: weights only
+                        save_checkpoint(out_dir / "best.pt", best_aside[0], **best_aside[1])
+                    best_aside = None
+                elif improved:  # held in memory until the next checkpoint: no disk write per improvement
+                    best_aside = (weights_aside(saved_model), {k: v for k, v in state_out.items() if k != "optimizer"})
                 for old in sorted(out_dir.glob("step_*.pt"))[:-cfg.keep_last]:
                     old.unlink()
                     old.with_suffix(".json").unlink(missing_ok=True)
@@ -505,7 +509,7 @@ class GatheredModel:
     full weights gathered from an FSDP model's shards: checkpoints keep the one format load_model reads."""
 
     def __init__(self, model: GPT, state: dict):
-        self.config, self.provenance, self._state, self._n = model.config, model.provenance, state, model.num_params()
+        self.config, self.provenance, self._state, self._n = model.config, dict(model.provenance), state, model.num_params()
 
     def state_dict(self) -> dict:
         return self._state
@@ -569,6 +573,13 @@ def launch(cfg: TrainConfig, nproc_per_node: int | None = None) -> list[str]:
     if proc.wait() != 0:
         raise subprocess.CalledProcessError(proc.returncode, shlex.join(cmd))
     return cmd
+
+
+def weights_aside(model) -> GatheredModel:
+    """A copy of a model's weights on the CPU (tied tensors stay tied), as save_checkpoint reads it."""
+    copies = {}
+    state = {k: copies.setdefault(v.data_ptr(), v.detach().to("cpu", copy=True)) for k, v in model.state_dict().items()}
+    return GatheredModel(model, state)
 
 
 def checkpoint_due(step: int, total: int, cfg: TrainConfig) -> bool:

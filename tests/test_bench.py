@@ -40,3 +40,23 @@ def test_memory_table_counts_and_bytes_per_parameter(tmp_path):
     assert fits["2 x T4 ddp"]["gb_per_gpu"] == round(20 * llama["params"] / 1e9, 1)
     assert fits["2 x T4 fsdp"]["gb_per_gpu"] == round((8 * llama["params"] + 8 * (llama["root"] + 2 * llama["block"])) / 1e9, 1)
     assert data["most_layers"]["OpenLLaMA-3B"]["2 x T4 fsdp"] > data["most_layers"]["OpenLLaMA-3B"]["2 x T4 ddp"]
+
+
+def test_loop_benchmark_times_the_loop_against_the_bare_step(tmp_path):
+    import torch
+    from helpers.checkpoint import save_checkpoint
+    from helpers.data import prepare
+    from helpers.model import GPT, GPTConfig
+    torch.manual_seed(0)
+    parent = GPT(GPTConfig(n_layer=4, n_head=2, n_embd=32, vocab_size=50257, block_size=64))
+    parent.provenance = {"tokenizer": "gpt2"}
+    save_checkpoint(tmp_path / "parent.pt", parent)
+    prepare("stdlib", tmp_path / "data", max_docs=20, val_fraction=0.2, progress=False)
+    out = tmp_path / "loop.json"
+    res = subprocess.run([sys.executable, "bench/loop.py", "--data", str(tmp_path / "data"), "--parent",
+                          str(tmp_path / "parent.pt"), "--steps", "4", "--bare-steps", "2", "--batch", "2", "--block", "32",
+                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["ratio"] > 0 and data["bench_tokens_per_s"] > 0 and data["checkpoint_writes"] >= 1
+    assert "step_0000004.pt" in data["checkpoint_files"] and "training loop" in res.stdout

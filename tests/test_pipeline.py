@@ -156,3 +156,18 @@ def test_grow_loop_adds_blocks_until_the_parent_is_reached(tmp_path):
         assert r["tokens"] == 4 * 8 * 64
     assert (out / "images" / "grow.png").stat().st_size > 5000
     assert json.loads((out / "summary.json").read_text())["grow"] == rounds
+
+
+def test_paper_recipe_is_one_switch_away():
+    from helpers.config import TrainConfig
+    from helpers.errors import ConfigError
+    from helpers.pipeline import settings, train_settings
+    s = settings("gpt2-owt", {"recipe": "paper"})
+    common = train_settings(s, "data")
+    assert common["batch_size"] * common["block_size"] * common["grad_accum"] == 49_152
+    assert (common["learning_rate"], common["min_lr"], common["warmup_iters"], common["max_iters"]) == (2e-4, 1e-5, 2000, 100_000)
+    assert (common["weight_decay"], common["beta1"], common["beta2"], common["dtype"], common["copy"]) == (0.1, 0.9, 0.95, "bfloat16", "paper")
+    TrainConfig.from_dict({**common, "out_dir": "x"})  # every value is a valid TrainConfig field
+    assert settings("gpt2-owt", {"recipe": "paper", "max_iters": "10"})["max_iters"] == 10  # explicit settings win
+    with pytest.raises(ConfigError, match="recipe='nanogpt'"):
+        settings("gpt2-owt", {"recipe": "nanogpt"})

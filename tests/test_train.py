@@ -367,3 +367,16 @@ def test_last_only_checkpoints_and_free_train_loss(setup, tmp_path):
 def load_training_state_keys(path):
     from helpers.checkpoint import load_training_state
     return set(load_training_state(path))
+
+
+def test_best_weights_held_aside_equal_the_checkpointed_best(setup, tmp_path):
+    """With ckpt_interval=0 the best evaluation's weights wait in memory and are written once: the
+    same best.pt (weights, step, val loss) as the default cadence, where best.pt links a checkpoint."""
+    kw = dict(max_iters=12, learning_rate=1.0, min_lr=1.0, warmup_iters=0)  # so high that the best is not the last
+    train(tiny(setup, tmp_path / "every", **kw))
+    train(tiny(setup, tmp_path / "last", ckpt_interval=0, **kw))
+    every, last = read_sidecar(tmp_path / "every" / "best.pt"), read_sidecar(tmp_path / "last" / "best.pt")
+    assert every["step"] == last["step"] < 12 and every["val_loss"] == last["val_loss"]
+    a, b = load_model(tmp_path / "every" / "best.pt"), load_model(tmp_path / "last" / "best.pt")
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert sorted(p.name for p in (tmp_path / "last").glob("*.pt")) == ["best.pt", "step_0000012.pt"]

@@ -1,0 +1,113 @@
+"""The training loop against the bare training step: how much of the step's speed survives the
+loop's evaluations, logging and checkpoints.
+
+Both run on the same model and batch in one process: the bare step is forward + backward +
+gradient clipping + AdamW on batches of the train split, timed with warm-up and a median; the
+loop is helpers.train.train with the demo's cadence (evaluations, checkpoints at ckpt_interval,
+the final one included), timed from its first step to its return (the model build, measured
+separately with build_model, is subtracted).
+
+    python bench/loop.py --data runs/demo/data            # the demo's setting (pipeline preset)
+    python bench/loop.py --data DIR --steps 40 --ckpt-interval none   # the old cadence: a checkpoint per evaluation
+"""
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+
+from _common import ROOT, print_table, write_json
+
+import helpers.train
+from helpers.data import get_batch, open_split
+from helpers.pipeline import PRESETS
+from helpers.train import TrainConfig, build_model, configure_optimizer, read_metrics, train
+
+
+def bare_steps(cfg: TrainConfig, steps: int) -> float:
+    """Median seconds of one training step of the model cfg builds, on train-split batches."""
+    torch.manual_seed(cfg.seed)
+    model, _ = build_model(cfg)
+    model.train()
+    opt = configure_optimizer(model, cfg, torch.device("cpu"))
+    data = open_split(cfg.data_dir, "train")
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for i in range(steps + 1):
+        x, y = get_batch(data, cfg.block_size, cfg.batch_size, g)
+        t = time.perf_counter()
+        model(x, y)[1].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:  # the first is warm-up
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    demo = PRESETS["demo"]
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True, help="the demo's prepared data (SmolLM2 tokens of the stdlib corpus)")
+    ap.add_argument("--steps", type=int, default=demo["max_iters"], help="loop steps (default: the demo's)")
+    ap.add_argument("--bare-steps", type=int, default=5)
+    ap.add_argument("--ckpt-interval", default=str(demo.get("ckpt_interval")), help="none: a checkpoint per evaluation")
+    ap.add_argument("--eval-train", default=str(demo.get("eval_train", True)))
+    ap.add_argument("--parent", default=demo["parent"])
+    ap.add_argument("--batch", type=int, default=demo["batch_size"])
+    ap.add_argument("--block", type=int, default=demo["block_size"])
+    ap.add_argument("--json", default=str(ROOT / "bench" / "loop.json"))
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as out:
+        fields = {k: demo[k] for k in ("n_layers", "batch_size", "block_size", "grad_accum", "learning_rate", "min_lr",
+                                       "warmup_iters", "eval_interval", "eval_iters", "strategy", "calib_batches")
+                  if k in demo}
+        strategy = [a for a in str(demo.get("compare", "")).split(",") if a not in ("", "scratch", "child")]
+        values = {**fields, "parent": args.parent, "batch_size": args.batch, "block_size": args.block, "data_dir": args.data, "out_dir": out, "max_iters": args.steps,
+                  "ckpt_interval": args.ckpt_interval, "eval_train": args.eval_train, "progress": False,
+                  "log_interval": 5, **({"strategy": strategy[-1]} if strategy else {})}
+        cfg = TrainConfig.from_dict(values)
+        step_s = bare_steps(cfg, args.bare_steps)
+        t = time.perf_counter()
+        build_model(cfg)
+        build_s = time.perf_counter() - t
+        spent = []  # seconds in each checkpoint write, timed by wrapping the loop's save function
+        save = helpers.train.save_checkpoint
+
+        def timed_save(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return save(*a, **kw)
+            finally:
+                spent.append(time.perf_counter() - t0)
+
+        helpers.train.save_checkpoint = timed_save
+        t = time.perf_counter()
+        train(cfg)
+        loop_s = time.perf_counter() - t - build_s
+        helpers.train.save_checkpoint = save
+        m = read_metrics(out)
+        ckpts = sorted(p.name for p in __import__("pathlib").Path(out).glob("*.pt"))
+    tokens = int(m["tokens"].iloc[-1])
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    bench_tps, loop_tps = tokens_per_step / step_s, tokens / loop_s
+    ckpt_share = sum(spent) / loop_s
+    rows = [["bare step (bench)", f"{bench_tps:,.1f}", "1.00"], ["training loop", f"{loop_tps:,.1f}", f"{loop_tps / bench_tps:.2f}"]]
+    print_table(f"{cfg.strategy} child of {cfg.parent}, {cfg.n_layers or 'half the'} layers, batch {cfg.batch_size} x "
+                f"{cfg.block_size}, {args.steps} steps, eval every {cfg.eval_interval} ({cfg.eval_iters} batches, "
+                f"eval_train={cfg.eval_train}), ckpt_interval={cfg.ckpt_interval}; {len(spent)} checkpoint writes "
+                f"({sum(spent):.1f} s, {100 * ckpt_share:.1f}% of the loop); files {ckpts}",
+                ["case", "tokens/s", "ratio"], rows)
+    write_json(args.json, {"setting": {k: v for k, v in values.items() if k not in ("out_dir", "data_dir")},
+                           "bare_step_s": round(step_s, 3), "bench_tokens_per_s": round(bench_tps, 1),
+                           "loop_s": round(loop_s, 1), "build_s": round(build_s, 1), "loop_tokens_per_s": round(loop_tps, 1),
+                           "ratio": round(loop_tps / bench_tps, 3), "checkpoint_files": ckpts,
+                           "checkpoint_writes": len(spent), "checkpoint_s": round(sum(spent), 2),
+                           "checkpoint_share": round(ckpt_share, 4)})
+    print(json.dumps({"ratio": round(loop_tps / bench_tps, 3)}))
+
+
+if __name__ == "__main__":
+    main()
