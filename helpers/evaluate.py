@@ -188,7 +188,6 @@ def downstream(models: dict, tasks: list[str], limit: int | float | None = None,
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        from helpers.errors import ConfigError, HelpersError
         raise ConfigError("downstream tasks need lm-evaluation-harness: pip install -e '.[eval]' "
                           "(or pip install 'lm-eval[hf]')") from None
     manager = TaskManager(include_path=str(include_path) if include_path else None)

@@ -117,7 +117,7 @@ def cross_entropy_sum(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     calls), and no log-probabilities. Chunks of 64 tokens were 1.7x slower on the CPU (small
     matmuls), 512-1,024 tokens the fastest measured. x: (N, C), weight: (V, C), targets: (N,).
     Runs in x's dtype under the caller's autocast (as the head would); the loss is summed in float32."""
-    n, vocab = x.shape[0], weight.shape[0]
+    vocab = weight.shape[0]
     token_chunk = token_chunk or max(64, 2 ** 26 // vocab)
     bad = targets[(targets < -1) | (targets >= vocab)]
     if bad.numel():

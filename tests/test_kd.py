@@ -13,7 +13,7 @@ from helpers.errors import ConfigError
 from helpers.head_loss import Distill
 from helpers.model import GPT, GPTConfig, llama_config
 from helpers.train import TrainConfig, load_teacher, train
-from test_train import cli_args, run_cli, setup, tiny  # noqa: F401 (setup is a fixture)
+from test_train import cli_args, run_cli, setup, tiny  # noqa: F401, F811 (setup is a fixture)
 
 
 def reference(logits, teacher_logits, targets, alpha, T):
