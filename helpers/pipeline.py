@@ -72,6 +72,10 @@ ARMS: dict[str, dict] = {
     "block-influence": {"init": "inherit", "strategy": "block-influence"},
     "angular": {"init": "inherit", "strategy": "angular"},
     "scratch": {"init": "scratch"},
+    # distillation from the parent (helpers.head_loss): the paper's KD baseline (a scratch child,
+    # alpha 0.6, temperature 1) and the inherited child trained with distillation (Minitron)
+    "scratch+kd": {"init": "scratch", "teacher": "parent", "kd_alpha": 0.6, "kd_temperature": 1.0},
+    "child+kd": {"init": "inherit", "teacher": "parent", "kd_alpha": 0.6, "kd_temperature": 1.0},
 }
 
 # The paper's GPT-2 recipe (its repository's training script): AdamW (0.9, 0.95), weight decay 0.1,
@@ -228,6 +232,8 @@ def arm_label(arm: str) -> str:
         return "child, inherited + trained"
     if arm == "scratch":
         return "scratch, trained"
+    if ARMS[arm].get("teacher"):
+        return f"{'child, inherited' if ARMS[arm]['init'] == 'inherit' else 'scratch'} + trained with KD"
     return f"inherited ({arm}) + trained" if ARMS[arm].get("init") == "inherit" else f"{arm}, trained"
 
 

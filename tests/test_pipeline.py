@@ -96,7 +96,7 @@ def test_summary_json_has_null_not_nan(tmp_path):
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "run"
-    return run("smoke", out, {"compare": "first,angular,scratch", "max_iters": 6, "parent_iters": 20,
+    return run("smoke", out, {"compare": "first,angular,scratch,scratch+kd", "max_iters": 6, "parent_iters": 20,
                               "eval_interval": 3, "calib_batches": 2}), out
 
 
@@ -108,7 +108,8 @@ def test_compare_trains_every_arm_on_the_same_budget(compared):
         assert (out / f"03_train_{arm}.ipynb").exists()
     table = pd.read_csv(out / "compare.csv").set_index("model")
     trained = table[table["val_loss"].notna() & (table.index != "parent")]
-    assert set(trained.index) == {"inherited (first) + trained", "inherited (angular) + trained", "scratch, trained"}
+    assert set(trained.index) == {"inherited (first) + trained", "inherited (angular) + trained", "scratch, trained",
+                                  "scratch + trained with KD"}
     assert trained["tokens_trained"].nunique() == 1 and trained["tokens_trained"].iloc[0] == 6 * 8 * 64
     # every strategy's untrained child is listed, the trained ones with the blocks notebook 02 chose for them
     strategies = pd.read_csv(out / "child_init_strategies.csv", index_col="strategy")
@@ -120,6 +121,10 @@ def test_compare_trains_every_arm_on_the_same_budget(compared):
     assert table.loc["scratch, trained", "val_loss"] == pytest.approx(evals.loc["scratch, trained", "val_loss"])
     assert (out / "images" / "loss_curves.png").stat().st_size > 5000
     assert (out / "images" / "layer_scores.png").stat().st_size > 5000
+    # the paper's KD baseline: a scratch child distilled from the parent, logged as CE and KD parts
+    kd = [json.loads(line) for line in (out / "scratch+kd" / "metrics.jsonl").read_text().splitlines()]
+    assert kd[-1]["kd_loss"] > 0 and kd[-1]["ce_loss"] > 0
+    assert read_sidecar(sorted((out / "scratch+kd").glob("step_*.pt"))[-1])["train_config"]["kd_alpha"] == 0.6
     assert summary["compare"] and len(summary["compare"]) == len(table)
 
 
