@@ -201,7 +201,7 @@ def run(preset: str = "demo", out: str | Path | None = None, overrides: dict | N
         title = f"{preset}: {parent_name}, {len(kept['layers'])} of {kept['parent_n_layer']} layers kept, same budget"
     else:
         title = f"{preset}: {parent_name}, first {len(kept['layers'])} of {kept['parent_n_layer']} layers, vs scratch"
-    untrained = {} if table is None else {f"{r['model']}": r["untrained_val_loss"] for r in table.to_dict("records")
+    untrained = {} if table is None else {untrained_label(r["model"]): r["untrained_val_loss"] for r in table.to_dict("records")
                                           if r["untrained_val_loss"] == r["untrained_val_loss"] and r["model"] != "parent"}
     run_notebook("05_plots.ipynb", run_dir, dict(runs={labels[arm]: str(run_dir / arm) for arm in arms},
                                                  eval_dir=str(run_dir / "eval"), images_dir=str(images), title=title,
@@ -224,6 +224,12 @@ def train_settings(s: dict, data_dir) -> dict:
     skip = {"parent", "n_layers", "init", "out_dir", "data_dir", "max_tokens"}
     common = {k: s[k] for k in TrainConfig.field_names() if k in s and k not in skip}
     return {"data_dir": str(data_dir), "log_interval": 5, **common}
+
+
+def untrained_label(model: str) -> str:
+    """A compare-table row's name for its model before training: 'inherited (angular), untrained'."""
+    name = model.removesuffix(" + trained")
+    return name if name.endswith("untrained") else f"{name}, untrained"
 
 
 def arm_label(arm: str) -> str:

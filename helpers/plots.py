@@ -23,7 +23,7 @@ def plot_loss_curves(runs: dict, reference: dict | None = None, title: str = "Lo
     per run. `reference` draws horizontal lines, e.g. {"parent val loss": 1.3}; `untrained` marks
     {name: val loss} at zero tokens (e.g. every strategy's child before training). The loss axis is
     logarithmic by default: an inherited child starts very high and ends close to its parent."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for j, (name, value) in enumerate((untrained or {}).items()):
         ax.scatter([0], [value], marker=["x", "+", "1", "2", "3", "4"][j % 6], s=70, color="k", zorder=4,
                    label=f"{name}: {value:.2f}")
@@ -45,7 +45,8 @@ def plot_loss_curves(runs: dict, reference: dict | None = None, title: str = "Lo
         ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, never over them
+    fig.tight_layout()
     return _save(fig, path)
 
 
