@@ -130,7 +130,24 @@ def settings(preset: str, overrides: dict) -> dict:
     if isinstance(s["layers"], (str, int)):
         s["layers"] = coerce("layers", list[int] | None, str(s["layers"]))
     arm_names(s)  # rejects unknown arms early
-    return s
+    return absolute_paths(s)
+
+
+def absolute_paths(s: dict) -> dict:
+    """Local paths among the model and data sources made absolute: the notebooks run inside the run
+    folder, where a path relative to the user's folder would point elsewhere. Names that are not
+    paths (hub ids, smollm2-135m, stdlib, owt:N, hf:..., parent=pretrain) stay as they are."""
+    from helpers.sources import EMBEDDED
+    out = dict(s)
+    for key in ("parent", "source", "teacher", "tokenizer"):
+        v = out.get(key)
+        if not isinstance(v, str) or v in EMBEDDED or v in ("stdlib", "pretrain", "parent", "gpt2") \
+                or v.startswith(("owt:", "hf:")) or Path(v).is_absolute():
+            continue
+        path = Path(v).expanduser()
+        if path.exists() or any(c in v for c in "*?["):  # a file, a folder, or a glob of files
+            out[key] = str(Path.cwd() / path) if not path.is_absolute() else str(path)
+    return out
 
 
 def arm_names(s: dict) -> list[str]:

@@ -176,3 +176,19 @@ def test_paper_recipe_is_one_switch_away():
     assert settings("gpt2-owt", {"recipe": "paper", "max_iters": "10"})["max_iters"] == 10  # explicit settings win
     with pytest.raises(ConfigError, match="recipe='nanogpt'"):
         settings("gpt2-owt", {"recipe": "nanogpt"})
+
+
+def test_local_sources_are_made_absolute_for_the_notebooks(tmp_path, monkeypatch):
+    """The notebooks run inside the run folder: a parent, corpus or teacher given relative to the
+    user's folder must reach them as absolute paths; names that are not paths stay as they are."""
+    from helpers.pipeline import settings
+    (tmp_path / "models" / "parent").mkdir(parents=True)
+    (tmp_path / "corpus.txt").write_text("text")
+    monkeypatch.chdir(tmp_path)
+    s = settings("smoke", {"parent": "models/parent", "source": "corpus.txt", "teacher": "models/parent"})
+    assert s["parent"] == s["teacher"] == str(tmp_path / "models" / "parent")
+    assert s["source"] == str(tmp_path / "corpus.txt")
+    assert settings("smoke", {"source": "docs/*.txt"})["source"] == str(tmp_path / "docs" / "*.txt")
+    kept = settings("demo", {"source": "owt:0"})
+    assert (kept["parent"], kept["source"], kept["tokenizer"]) == ("smollm2-135m", "owt:0", "smollm2-135m")
+    assert settings("smoke", {})["parent"] == "pretrain"
