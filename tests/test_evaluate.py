@@ -41,8 +41,8 @@ def test_attention_collapse_table(model):
     assert (df.groupby("layer")["degenerate"].all() == df.groupby("layer")["lazy"].first()).all()
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_loss_only_head_equals_cross_entropy(chunk):
+@pytest.mark.parametrize("chunk, vocab_chunk", [(1, 2048), (7, 64), (64, 7), (64, 300)])
+def test_loss_only_head_equals_cross_entropy(chunk, vocab_chunk):
     import torch.nn.functional as F
 
     from helpers.head_loss import Workspace, cross_entropy_sum
@@ -50,7 +50,7 @@ def test_loss_only_head_equals_cross_entropy(chunk):
     x, w = torch.randn(50, 16), torch.randn(300, 16)
     t = torch.randint(0, 300, (50,))
     t[[3, 17, 49]] = -1
-    total, n = cross_entropy_sum(x, w, t, Workspace(), token_chunk=chunk)
+    total, n = cross_entropy_sum(x, w, t, Workspace(), token_chunk=chunk, vocab_chunk=vocab_chunk)
     want = F.cross_entropy(x @ w.T, t, ignore_index=-1, reduction="sum").item()
     assert n == 47 and total.item() == pytest.approx(want, rel=1e-5)
     with pytest.raises(IndexError, match="300"):
