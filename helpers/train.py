@@ -412,7 +412,8 @@ def train(cfg: TrainConfig) -> dict:
                         save_checkpoint(out_dir / "best.pt", best_aside[0], **best_aside[1])
                     best_aside = None
                 elif improved:  # held in memory until the next checkpoint: no disk write per improvement
-                    best_aside = (weights_aside(saved_model), {k: v for k, v in state_out.items() if k != "optimizer"})
+                    best_aside = (weights_aside(saved_model, reuse=best_aside and best_aside[0]),
+                                  {k: v for k, v in state_out.items() if k != "optimizer"})
                 for old in sorted(out_dir.glob("step_*.pt"))[:-cfg.keep_last]:
                     old.unlink()
                     old.with_suffix(".json").unlink(missing_ok=True)
@@ -575,8 +576,15 @@ def launch(cfg: TrainConfig, nproc_per_node: int | None = None) -> list[str]:
     return cmd
 
 
-def weights_aside(model) -> GatheredModel:
-    """A copy of a model's weights on the CPU (tied tensors stay tied), as save_checkpoint reads it."""
+def weights_aside(model, reuse: GatheredModel | None = None) -> GatheredModel:
+    """A copy of a model's weights on the CPU (tied tensors stay tied), as save_checkpoint reads it.
+    `reuse`: an earlier copy of the same model whose tensors are overwritten in place (no fresh
+    allocation of the whole model, and its page faults, at every improvement)."""
+    if reuse is not None:
+        for k, v in model.state_dict().items():
+            reuse._state[k].copy_(v.detach())  # tied tensors share storage: copied twice, still tied
+        reuse.provenance = dict(model.provenance)
+        return reuse
     copies = {}
     state = {k: copies.setdefault(v.data_ptr(), v.detach().to("cpu", copy=True)) for k, v in model.state_dict().items()}
     return GatheredModel(model, state)
