@@ -52,3 +52,19 @@ def hf_llama(tmp_path_factory):
 def tokens(n=2, t=24, vocab=1000, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, t), generator=g)
+
+
+@pytest.fixture(scope="session")
+def train_inputs(tmp_path_factory):
+    """A tiny GPT-2-vocabulary parent saved as our checkpoint (parent.pt) and a small prepared corpus
+    (data/), shared by the training, parallel and notebook tests."""
+    from helpers.checkpoint import save_checkpoint
+    from helpers.data import prepare
+    from helpers.model import GPT, GPTConfig
+    base = tmp_path_factory.mktemp("train_inputs")
+    torch.manual_seed(0)
+    parent = GPT(GPTConfig(n_layer=4, n_head=2, n_embd=32, vocab_size=50257, block_size=64))
+    parent.provenance = {"tokenizer": "gpt2", "source": "tiny"}
+    save_checkpoint(base / "parent.pt", parent)
+    prepare("stdlib", base / "data", max_docs=40, val_fraction=0.2, progress=False)
+    return base

@@ -43,19 +43,8 @@ def test_02_inherit_runs_under_papermill(gpt2_vocab_parent, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def tiny_run_inputs(tmp_path_factory):
-    """A tiny GPT-2-vocabulary parent checkpoint and a small prepared corpus."""
-    import torch
-    from helpers.checkpoint import save_checkpoint
-    from helpers.data import prepare
-    from helpers.model import GPT, GPTConfig
-    base = tmp_path_factory.mktemp("ddp_inputs")
-    torch.manual_seed(0)
-    parent = GPT(GPTConfig(n_layer=4, n_head=2, n_embd=32, vocab_size=50257, block_size=64))
-    parent.provenance = {"tokenizer": "gpt2", "source": "tiny"}
-    save_checkpoint(base / "parent.pt", parent)
-    prepare("stdlib", base / "data", max_docs=40, val_fraction=0.2, progress=False)
-    return base
+def tiny_run_inputs(train_inputs):
+    return train_inputs
 
 
 @pytest.mark.slow

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.checkpoint import load_model, load_training_state, read_sidecar, save_checkpoint
-from helpers.data import prepare
+from helpers.checkpoint import load_model, load_training_state, read_sidecar
 from helpers.model import GPT, GPTConfig
 from helpers.train import TrainConfig, read_metrics, train
 
@@ -19,14 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("parallel")
-    torch.manual_seed(0)
-    parent = GPT(GPTConfig(n_layer=4, n_head=2, n_embd=32, vocab_size=50257, block_size=64))
-    parent.provenance = {"tokenizer": "gpt2", "source": "tiny"}
-    save_checkpoint(base / "parent.pt", parent)
-    prepare("stdlib", base / "data", max_docs=40, val_fraction=0.2, progress=False)
-    return base
+def inputs(train_inputs):
+    return train_inputs
 
 
 def config(inputs, out, **kw):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from helpers.checkpoint import load_model, read_sidecar, save_checkpoint
-from helpers.data import prepare
 from helpers.errors import ConfigError, DataError
 from helpers.model import GPT, GPTConfig
 from helpers.train import TrainConfig, coerce, lr_at, parse_cli, parse_student_log, read_metrics, train
@@ -20,15 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def setup(tmp_path_factory):
-    """A tiny GPT-2-vocabulary parent saved as our checkpoint, and a small prepared corpus."""
-    base = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    parent = GPT(GPTConfig(n_layer=4, n_head=2, n_embd=32, vocab_size=50257, block_size=64))
-    parent.provenance = {"tokenizer": "gpt2", "source": "tiny"}
-    save_checkpoint(base / "parent.pt", parent)
-    prepare("stdlib", base / "data", max_docs=40, val_fraction=0.2, progress=False)
-    return base
+def setup(train_inputs):
+    return train_inputs
 
 
 def tiny(setup, out, **kw):
