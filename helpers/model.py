@@ -92,9 +92,28 @@ def llama_config(**kw) -> GPTConfig:
     return GPTConfig(**{**base, **kw})
 
 
+def in_place_ok(x: torch.Tensor) -> bool:
+    """Whether the forward may take its fewer-pass, in-place paths for x: no autograd graph to keep,
+    float32 on the CPU. Together (RMSNorm, RoPE, SwiGLU) they made the SmolLM2 child's no-grad
+    body ~10% faster on a 2-core CPU; training and GPUs (which fuse such ops) keep the plain ops."""
+    return not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm; without autograd, on the CPU in float32, in three passes over x (its norm, the
+    scale, the weight) instead of F.rms_norm's five, measured 1.7x faster for the SmolLM2 child."""
+
+    def forward(self, x):
+        if not in_place_ok(x):
+            return super().forward(x)
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        return (x * scale).mul_(self.weight)
+
+
 def make_norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        return RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
@@ -111,6 +130,11 @@ def rope_tables(cfg: GPTConfig, device=None) -> tuple[torch.Tensor, torch.Tensor
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: (B, nh, T, hd); cos/sin: (T, hd). Rotates the two halves of each head as one complex pair.
     half = x.shape[-1] // 2
+    if in_place_ok(x):  # the same sums without the rotated copy: 2x faster where no graph is kept
+        out = x * cos
+        out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+        out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+        return out
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
 
@@ -146,8 +170,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, qkv_out, bias=cfg.bias or cfg.qkv_bias)
         self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         if cfg.qk_norm:
-            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
-            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
         self.qk_norm, self.window = cfg.qk_norm, cfg.sliding_window
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.dropout = cfg.dropout
@@ -213,7 +237,7 @@ class MLP(nn.Module):
             half = w.shape[0] // 2
             gate = F.linear(x, w[:half], None if b is None else b[:half])
             up = F.linear(x, w[half:], None if b is None else b[half:])
-            h = F.silu(gate) * up
+            h = F.silu(gate, inplace=True).mul_(up) if in_place_ok(x) else F.silu(gate) * up
         else:
             h = F.gelu(self.c_fc(x), approximate="tanh")
         return self.dropout(self.c_proj(h))

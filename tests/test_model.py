@@ -149,3 +149,34 @@ def test_fused_head_loss_rejects_out_of_range_targets_like_cross_entropy():
     for bad in (10, -2):
         with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
             linear_cross_entropy(x, w, torch.tensor([1, bad, 2, -1]))
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_no_grad_in_place_paths_equal_the_training_ops(qk_norm):
+    """Without autograd on the CPU, RMSNorm, RoPE and SwiGLU take fewer-pass in-place paths
+    (helpers.model.in_place_ok): same logits as the plain ops, and no input or weight is changed."""
+    from helpers.inherit import hidden_states
+    from helpers.model import RMSNorm, apply_rope
+    torch.manual_seed(0)
+    model = GPT(llama_config(n_layer=3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=97, block_size=32, qk_norm=qk_norm))
+    for p in model.parameters():  # norms away from their all-ones init, so their weights count
+        if p.dim() == 1:
+            p.data.uniform_(0.5, 1.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = torch.randint(0, 97, (2, 32))
+    plain = model(idx)[0].detach()  # grad enabled: the plain ops
+    with torch.no_grad():
+        fast = model(idx)[0]
+        states = [s.clone() for s in hidden_states(model, idx)]
+        again = hidden_states(model, idx)
+    assert torch.allclose(fast, plain, atol=1e-5), (fast - plain).abs().max()
+    assert all(torch.equal(a, b) for a, b in zip(states, again))  # each block's input left as it was
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    x, cos, sin = torch.randn(2, 4, 8, 16), torch.randn(8, 16), torch.randn(8, 16)
+    norm = RMSNorm(16, eps=1e-6)
+    norm.weight.data.uniform_(0.5, 1.5)
+    with torch.no_grad():
+        got = apply_rope(x, cos, sin), norm(x)
+    want = apply_rope(x.requires_grad_(), cos, sin), norm(x)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-6)
