@@ -2,10 +2,12 @@
 loop's evaluations, logging and checkpoints.
 
 Both run on the same model and batch, each in a fresh process: the bare step is forward + backward +
-gradient clipping + AdamW on batches of the train split, timed with warm-up and a median; the
+gradient clipping + AdamW on batches of the train split, timed with warm-up and a median, once before
+and once after the loop (their mean is the reference: this VM's speed drifts by several percent over
+the two minutes the loop takes, and a reference taken on one side of it tilted the ratio); the
 loop is helpers.train.train with the demo's cadence (evaluations, checkpoints at ckpt_interval,
-the final one included), timed from its first step to its return (the model build, measured
-separately with build_model, is subtracted).
+the final one included), timed from its first step to its last evaluation (the clock of its
+metrics starts once the model, data and optimizer are set up) plus its checkpoint writes.
 
     python bench/loop.py --data runs/demo/data            # the demo's setting (pipeline preset)
     python bench/loop.py --data DIR --steps 40 --ckpt-interval none   # the old cadence: a checkpoint per evaluation
@@ -15,6 +17,7 @@ import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -47,6 +50,35 @@ def bare_steps(cfg: TrainConfig, steps: int) -> float:
     return statistics.median(times)
 
 
+def timed_loop(cfg: TrainConfig):
+    """helpers.train.train(cfg) with its checkpoint writes timed: (seconds of the call, seconds of
+    each write, the metrics, the checkpoint files left)."""
+    spent = []
+    save = helpers.train.save_checkpoint
+
+    def timed_save(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return save(*a, **kw)
+        finally:
+            spent.append(time.perf_counter() - t0)
+
+    helpers.train.save_checkpoint = timed_save
+    t = time.perf_counter()
+    try:
+        train(cfg)
+    finally:
+        helpers.train.save_checkpoint = save
+    return time.perf_counter() - t, spent, read_metrics(cfg.out_dir), sorted(p.name for p in Path(cfg.out_dir).glob("*.pt"))
+
+
+def in_fresh_process(fn, *args):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def main():
     demo = PRESETS["demo"]
     ap = argparse.ArgumentParser()
@@ -69,31 +101,16 @@ def main():
                   "ckpt_interval": args.ckpt_interval, "eval_train": args.eval_train, "progress": False,
                   "log_interval": 5, **({"strategy": strategy[-1]} if strategy else {})}
         cfg = TrainConfig.from_dict(values)
-        # each contender in a fresh process: the bare steps in a child, the loop here. Run in one
-        # process one after the other, the second ran ~17% slower (the first's freed memory).
-        import multiprocessing
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            step_s = pool.apply(bare_steps, (cfg, args.bare_steps))
-        spent = []  # seconds in each checkpoint write, timed by wrapping the loop's save function
-        save = helpers.train.save_checkpoint
-
-        def timed_save(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return save(*a, **kw)
-            finally:
-                spent.append(time.perf_counter() - t0)
-
-        helpers.train.save_checkpoint = timed_save
-        t = time.perf_counter()
-        train(cfg)
-        total_s = time.perf_counter() - t
-        helpers.train.save_checkpoint = save
-        m = read_metrics(out)
+        # every run in its own fresh process, and this one holds no model: a fresh process started
+        # while another held ~3 GB ran its steps 10-15% slower on this VM, and the second of two
+        # contenders in one process ran ~17% slower
+        step_before = in_fresh_process(bare_steps, cfg, args.bare_steps)
+        total_s, spent, m, ckpts = in_fresh_process(timed_loop, cfg)
+        step_after = in_fresh_process(bare_steps, cfg, args.bare_steps)
+        step_s = (step_before + step_after) / 2
         # the loop: from its first step (the record's clock starts after the model, data and optimizer
         # are set up) to its last evaluation, plus the checkpoint writes (the final one comes after it)
         loop_s = float(m["elapsed_s"].iloc[-1]) + sum(spent)
-        ckpts = sorted(p.name for p in __import__("pathlib").Path(out).glob("*.pt"))
     tokens = int(m["tokens"].iloc[-1])
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     bench_tps, loop_tps = tokens_per_step / step_s, tokens / loop_s
@@ -102,10 +119,12 @@ def main():
     print_table(f"{cfg.strategy} child of {cfg.parent}, {cfg.n_layers or 'half the'} layers, batch {cfg.batch_size} x "
                 f"{cfg.block_size}, {args.steps} steps, eval every {cfg.eval_interval} ({cfg.eval_iters} batches, "
                 f"eval_train={cfg.eval_train}), ckpt_interval={cfg.ckpt_interval}; {len(spent)} checkpoint writes "
-                f"({sum(spent):.1f} s, {100 * ckpt_share:.1f}% of the loop); files {ckpts}",
+                f"({sum(spent):.1f} s, {100 * ckpt_share:.1f}% of the loop); files {ckpts}; bare step "
+                f"{step_before:.3f} s before the loop, {step_after:.3f} s after",
                 ["case", "tokens/s", "ratio"], rows)
     write_json(args.json, {"setting": {k: v for k, v in values.items() if k not in ("out_dir", "data_dir")},
-                           "bare_step_s": round(step_s, 3), "bench_tokens_per_s": round(bench_tps, 1),
+                           "bare_step_s": round(step_s, 3), "bare_step_before_s": round(step_before, 3),
+                           "bare_step_after_s": round(step_after, 3), "bench_tokens_per_s": round(bench_tps, 1),
                            "loop_s": round(loop_s, 1), "train_call_s": round(total_s, 1), "loop_tokens_per_s": round(loop_tps, 1),
                            "ratio": round(loop_tps / bench_tps, 3), "checkpoint_files": ckpts,
                            "checkpoint_writes": len(spent), "checkpoint_s": round(sum(spent), 2),

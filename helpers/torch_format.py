@@ -108,11 +108,24 @@ def save_checkpoint(path, model: GPT, **state) -> Path:
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "model_config": raw.config.to_dict(),
                "provenance": raw.provenance, "model": {k: v.detach().cpu() for k, v in raw.state_dict().items()},
                **state}
-    atomic_write(path, lambda f: torch.save(payload, f))
+    atomic_write(path, lambda f: save_without_crc(payload, f))
     side = {k: v for k, v in payload.items() if k not in ("model",)}
     side = jsonable(side) | {"checkpoint": path.name, "num_params": raw.num_params()}
     atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(side, indent=2).encode()))
     return path
+
+
+def save_without_crc(obj, f) -> None:
+    """torch.save without the zip CRC-32 of every record: a ~1 GB checkpoint (the SmolLM2 child's
+    weights and AdamW state) wrote in 0.83 s instead of 1.45 s. The write is atomic and fsynced
+    (files.atomic_write), and a truncated file still fails to load; a flipped bit inside a tensor
+    is what goes unnoticed."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(obj, f)
+    finally:
+        torch.serialization.set_crc32_options(before)
 
 
 def read_sidecar(path) -> dict | None:
