@@ -19,7 +19,6 @@ import torch
 from _common import alternate, print_table, write_json
 
 from helpers.checkpoint import CheckpointError, export_hf, load_model
-from helpers.head_loss import cross_entropy_sum
 from helpers.inherit import inherit
 from helpers.model import GPT, GPTConfig, llama_config
 
@@ -94,9 +93,7 @@ def main():
         def step():
             model.eval()
             if name.startswith("ours"):  # what helpers.evaluate.val_loss_full computes per batch
-                raw = getattr(model, "_orig_mod", model)
-                return cross_entropy_sum(model.hidden(inp).flatten(0, 1), raw.lm_head.weight, tgt.flatten(),
-                                         raw._workspace)
+                return getattr(model, "_orig_mod", model).loss_sum(inp, tgt)
             return model(input_ids=inp, labels=inp).loss
         return step
 

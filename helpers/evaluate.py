@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from helpers.checkpoint import load_model, read_sidecar, resolve
 from helpers.data import iter_sequential, open_split
 from helpers.errors import ConfigError, HelpersError
-from helpers.head_loss import cross_entropy_sum
 from helpers.model import GPT, attention_mask
 
 
@@ -30,15 +29,14 @@ from helpers.model import GPT, attention_mask
 def val_loss_full(model: GPT, data_dir, block_size: int = 256, batch_size: int = 8, device="cpu",
                   max_tokens: int | None = None) -> dict:
     """Mean next-token loss over the whole val split (or its first max_tokens tokens). Only the loss
-    is computed (helpers.head_loss.cross_entropy_sum): no (tokens, vocab) logits are kept."""
+    is computed for our own model (GPT.loss_sum): no (tokens, vocab) logits are kept."""
     model.eval()
     data = open_split(data_dir, "val")
     total_loss, count = 0.0, 0
     block_size = min(block_size, model.config.block_size)
     for x, y in iter_sequential(data, block_size, batch_size, device, max_tokens):
         if isinstance(model, GPT):
-            loss, n = cross_entropy_sum(model.hidden(x).flatten(0, 1), model.lm_head.weight, y.flatten(),
-                                        model._workspace)
+            loss, n = model.loss_sum(x, y)
         else:  # a transformers model (generic path): its own head, then the loss
             logits = model(x)[0].float()
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helpers.errors import ConfigError
-from helpers.head_loss import Workspace, linear_cross_entropy
+from helpers.head_loss import Workspace, cross_entropy_sum, linear_cross_entropy
 
 
 FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
@@ -332,6 +332,13 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    @torch.no_grad()
+    def loss_sum(self, idx, targets) -> tuple[torch.Tensor, int]:
+        """(sum of the next-token losses of idx (B, T) against targets (B, T), -1 ignored; their
+        count) with only the loss computed: no (tokens, vocab) logits kept. What evaluation runs
+        (train.estimate_loss, evaluate.val_loss_full); see head_loss.cross_entropy_sum."""
+        return cross_entropy_sum(self.hidden(idx).flatten(0, 1), self.lm_head.weight, targets.flatten(), self._workspace)
 
     fused_loss = True  # set False on an instance to get logits and the plain loss while training
 

@@ -30,7 +30,7 @@ from helpers.checkpoint import atomic_write, load_model, load_training_state, sa
 from helpers.data import get_batch, open_split, prepare, read_meta
 from helpers.errors import ConfigError, DataError, HelpersError
 from helpers.generic import scratch_like
-from helpers.head_loss import Distill, cross_entropy_sum
+from helpers.head_loss import Distill
 from helpers.inherit import SCORE_OF, calibration_tokens, inherit
 from helpers.model import GPT
 
@@ -257,8 +257,7 @@ def estimate_loss(model, splits: dict, cfg: TrainConfig, step: int, device, auto
             x, y = get_batch(data, cfg.block_size, cfg.batch_size, g, device)
             with autocast:
                 if loss_only:
-                    total, count = cross_entropy_sum(raw.hidden(x).flatten(0, 1), raw.lm_head.weight, y.flatten(),
-                                                     raw._workspace)
+                    total, count = raw.loss_sum(x, y)
                     losses[k] = total / count
                 else:
                     losses[k] = model(x, y)[1].float()
