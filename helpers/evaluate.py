@@ -142,33 +142,13 @@ def sample_ids(data_dir, length: int, offset: int = 0) -> torch.Tensor:
 
 
 # ---- downstream tasks through lm-evaluation-harness ----------------------------------------------
-def hf_tokenizer(model: GPT):
-    """The model's tokenizer as a Hugging Face tokenizer, built offline: GPT-2's from the embedded
-    rank file, a GGUF file's from its metadata, a Hugging Face folder's as saved there."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from helpers.errors import CheckpointError
-    source = model.provenance.get("tokenizer") or "gpt2"
-    if source == "gpt2":
-        from transformers.convert_slow_tokenizer import TikTokenConverter
-
-        from helpers.tokenizer import ENDOFTEXT, GPT2_PATTERN, GPT2_RANKS
-        tok = TikTokenConverter(vocab_file=str(GPT2_RANKS), pattern=GPT2_PATTERN, extra_special_tokens=[ENDOFTEXT])
-        return PreTrainedTokenizerFast(tokenizer_object=tok.converted(), bos_token=ENDOFTEXT, eos_token=ENDOFTEXT)
-    path = Path(source)
-    if path.suffix == ".gguf" and path.is_file():
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    if path.is_dir() and (path / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(path))
-    raise CheckpointError(f"tokenizer {source}: no Hugging Face tokenizer can be built from it; "
-                          "evaluate a model whose tokenizer is gpt2, a .gguf file or a folder with tokenizer.json")
-
-
 def export_for_harness(model: GPT, out_dir) -> Path:
-    """A Hugging Face folder (weights, config and tokenizer) that lm-evaluation-harness loads."""
-    from helpers.checkpoint import export_hf
+    """A Hugging Face folder (weights, config and tokenizer) that lm-evaluation-harness loads; a
+    model with no tokenizer recorded (a random test model) gets GPT-2's."""
+    from helpers.export import export_hf, hf_tokenizer
     out = export_hf(model, out_dir)
-    hf_tokenizer(model).save_pretrained(str(out))
+    if not (out / "tokenizer.json").is_file():
+        hf_tokenizer(model).save_pretrained(str(out))
     return out
 
 

@@ -1,17 +1,21 @@
 """export_hf: any model of ours as a Hugging Face folder that the family's own transformers class
-loads with identical logits (so lm-evaluation-harness, vLLM and the rest can use a child)."""
+loads with identical logits, with the model's tokenizer in Hugging Face's form (so
+lm-evaluation-harness, vLLM and the rest can use a child as it is)."""
 from __future__ import annotations
 
 import json
-import shutil
+import warnings
 from pathlib import Path
 
+from helpers.errors import CheckpointError
 from helpers.hf_format import hf_config, state_to_hf
 from helpers.model import GPT
 
 
 def export_hf(model: GPT, out_dir) -> Path:
-    """Write config.json + model.safetensors (+ the parent's tokenizer.json when it had one)."""
+    """Write config.json + model.safetensors, and the tokenizer its provenance names (GPT-2's, a
+    GGUF file's, a folder's tokenizer.json; helpers.sources.resolve_tokenizer_source) as
+    tokenizer.json + tokenizer_config.json. A model with no tokenizer recorded gets none."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -19,19 +23,51 @@ def export_hf(model: GPT, out_dir) -> Path:
     if not isinstance(model, GPT):  # a transformers model (helpers.generic): its own save_pretrained
         from helpers.generic import export_generic
         export_generic(model, out)
-        copy_tokenizer(model.provenance, out)
+        write_tokenizer(model, out)
         return out
     hf = hf_config(model.config)
     hf["torch_dtype"] = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     save_file({k: v.detach().cpu() for k, v in state_to_hf(model).items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
-    copy_tokenizer(model.provenance, out)
+    write_tokenizer(model, out)
     return out
 
 
-def copy_tokenizer(provenance: dict, out: Path) -> None:
-    """Keep a Hugging Face parent's tokenizer.json next to the exported weights."""
-    tok_folder = Path(str(provenance.get("tokenizer", "")))
-    if tok_folder.is_dir() and (tok_folder / "tokenizer.json").is_file():
-        shutil.copy(tok_folder / "tokenizer.json", out / "tokenizer.json")
+def write_tokenizer(model, out: Path) -> bool:
+    """Save the tokenizer the model's provenance names into `out`. False, with a warning naming the
+    reason, when it names one that cannot be found (a moved file, a folder without tokenizer.json):
+    the weights are written all the same. False, silently, when it names none (a random model)."""
+    if not model.provenance.get("tokenizer"):
+        return False
+    try:
+        tok = hf_tokenizer(model)
+    except CheckpointError as e:
+        warnings.warn(f"export_hf: {out} has no tokenizer ({e})", stacklevel=3)
+        return False
+    tok.save_pretrained(str(out))
+    return True
+
+
+def hf_tokenizer(model):
+    """The model's tokenizer as a Hugging Face tokenizer, built offline: GPT-2's from the embedded
+    rank file, a GGUF file's from its metadata, a folder's from its tokenizer.json (a model folder
+or a tokenizer's own). Names such as
+    "smollm2-135m" or a checkpoint of ours resolve as helpers.tokenizer.get_encoding resolves them;
+    no tokenizer recorded means GPT-2's (nanoGPT's and the student project's checkpoints)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from helpers.sources import resolve_tokenizer_source
+    source = model.provenance.get("tokenizer") or "gpt2"
+    if Path(source).is_dir() and (Path(source) / "tokenizer.json").is_file():  # also a tokenizer-only folder
+        return AutoTokenizer.from_pretrained(str(source))
+    kind, where = resolve_tokenizer_source(source)
+    if kind == "gpt2":
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        from helpers.tokenizer import ENDOFTEXT, GPT2_PATTERN, GPT2_RANKS
+        tok = TikTokenConverter(vocab_file=str(GPT2_RANKS), pattern=GPT2_PATTERN, extra_special_tokens=[ENDOFTEXT])
+        return PreTrainedTokenizerFast(tokenizer_object=tok.converted(), bos_token=ENDOFTEXT, eos_token=ENDOFTEXT)
+    if kind == "gguf":
+        return AutoTokenizer.from_pretrained(str(where.parent), gguf_file=where.name)
+    return AutoTokenizer.from_pretrained(str(where.parent))

@@ -122,6 +122,20 @@ def test_export_hf_round_trip(hf_gpt2, tmp_path):
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
     idx = tokens()
     assert torch.allclose(back(idx).logits, logits(model, idx), atol=1e-5)
+    # and its tokenizer, so that vLLM or the harness take the folder as it is
+    from helpers.tokenizer import get_encoding
+    text = "def f(x):\n    return x ** 2  # héllo"
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert tok.encode(text) == get_encoding(model.provenance["tokenizer"]).encode_ordinary(text)
+
+
+def test_export_without_a_findable_tokenizer_writes_the_weights_and_says_why(hf_gpt2, tmp_path):
+    model = load_model(hf_gpt2[1])
+    model.provenance["tokenizer"] = str(tmp_path / "moved" / "parent.gguf")
+    with pytest.warns(UserWarning, match="no tokenizer.*parent.gguf"):
+        export_hf(model, tmp_path / "export")
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    assert not (tmp_path / "export" / "tokenizer.json").exists()
 
 
 # ---- every way to get it wrong: one CheckpointError naming the file ---------------------------

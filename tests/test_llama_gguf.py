@@ -156,7 +156,7 @@ def test_missing_embedded_package_names_the_install_command(monkeypatch):
         load_model("smollm2-135m")
 
 
-def test_embedded_smollm2_loads_and_predicts_code():
+def test_embedded_smollm2_loads_and_predicts_code(tmp_path):
     try:
         path = embedded_path()
     except CheckpointError as e:
@@ -177,3 +177,11 @@ def test_embedded_smollm2_loads_and_predicts_code():
     prompt = torch.tensor([enc.encode_ordinary("def fibonacci(n):\n")])
     assert "fibonacci(n - 1)" in enc.decode(model.generate(prompt, 30, temperature=0)[0].tolist())
     assert str(path).endswith(".gguf")
+    # a child exported to Hugging Face's form carries the GGUF file's tokenizer
+    import transformers
+
+    from helpers.checkpoint import export_hf
+    from helpers.inherit import inherit
+    out = export_hf(inherit(model, 2), tmp_path / "child")
+    text = open(os.__file__).read()[:2000]
+    assert transformers.AutoTokenizer.from_pretrained(out).encode(text) == enc.encode_ordinary(text)
