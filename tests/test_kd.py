@@ -1,8 +1,6 @@
 """Knowledge distillation: the loss and its gradient equal autograd of the formula, kd_alpha=0 is the
 plain run, a teacher with another vocabulary is refused, and a killed KD run resumes exactly."""
 import json
-import signal
-import time
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from helpers.errors import ConfigError
 from helpers.head_loss import Distill
 from helpers.model import GPT, GPTConfig, llama_config
 from helpers.train import TrainConfig, load_teacher, train
-from test_train import cli_args, run_cli, setup, tiny  # noqa: F401, F811 (setup is a fixture)
+from test_train import run_killed_and_resumed, setup, tiny  # noqa: F401, F811 (setup is a fixture)
 
 
 def reference(logits, teacher_logits, targets, alpha, T):
@@ -123,17 +121,7 @@ def test_sigkill_and_resume_with_kd_logs_the_same_records(setup, tmp_path):
     """As test_train's SIGKILL test, with distillation on (dropout on too): every record, the KD
     parts included, equals the uninterrupted run's."""
     kd = dict(teacher="parent", kd_alpha=0.6, kd_temperature=2.0)
-    assert run_cli(cli_args(setup, tmp_path / "full", **kd)).wait() == 0
-    proc = run_cli(cli_args(setup, tmp_path / "killed", **kd))
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 6):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 6 <= len(metrics.read_text().splitlines()) < 21, "the kill must land mid-run"
-    assert run_cli(cli_args(setup, tmp_path / "killed", init="resume", **kd)).wait() == 0
-    full, resumed = without_timing(records(tmp_path / "full")), without_timing(records(tmp_path / "killed"))
+    full, resumed = (without_timing(records(d)) for d in run_killed_and_resumed(setup, tmp_path, **kd))
     for r in full + resumed:
         r.pop("init")  # "resume" after the kill
     assert [r["step"] for r in full] == list(range(0, 41, 2)) and resumed == full

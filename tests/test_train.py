@@ -136,21 +136,26 @@ def cli_args(setup, out, **kw):
     return [f"{k}={v}" for k, v in cfg.items()]
 
 
-def test_sigkill_and_resume_logs_the_same_losses(setup, tmp_path):
-    """A run killed with SIGKILL mid-way and resumed logs the same losses, step for step (dropout on,
-    so RNG restore matters), as a run that never stopped."""
-    assert run_cli(cli_args(setup, tmp_path / "full")).wait() == 0
-    proc = run_cli(cli_args(setup, tmp_path / "killed"))
-    metrics = tmp_path / "killed" / "metrics.jsonl"
+def run_killed_and_resumed(setup, root, **kw):
+    """The 40-step CLI run of cli_args twice under `root`: "full" uninterrupted, and "killed" with
+    SIGKILL once it has logged 6 of its 21 records, then resumed with init=resume."""
+    assert run_cli(cli_args(setup, root / "full", **kw)).wait() == 0
+    proc = run_cli(cli_args(setup, root / "killed", **kw))
+    metrics = root / "killed" / "metrics.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 6):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    n_before = len(metrics.read_text().splitlines())
-    assert 6 <= n_before < 21, "the kill must land mid-run"
-    assert run_cli(cli_args(setup, tmp_path / "killed", init="resume")).wait() == 0
-    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "killed")
+    assert 6 <= len(metrics.read_text().splitlines()) < 21, "the kill must land mid-run"
+    assert run_cli(cli_args(setup, root / "killed", init="resume", **kw)).wait() == 0
+    return root / "full", root / "killed"
+
+
+def test_sigkill_and_resume_logs_the_same_losses(setup, tmp_path):
+    """A run killed with SIGKILL mid-way and resumed logs the same losses, step for step (dropout on,
+    so RNG restore matters), as a run that never stopped."""
+    full, resumed = (losses(d) for d in run_killed_and_resumed(setup, tmp_path))
     assert [s for s, _, _ in resumed] == [s for s, _, _ in full] == list(range(0, 41, 2))
     assert resumed == full
 
