@@ -223,6 +223,34 @@ def test_fsdp_shards_a_generic_model_by_its_own_blocks(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
+def test_ddp_of_a_generic_model_equals_one_process(data, tmp_path):
+    """torchrun with 2 gloo processes (DistributedDataParallel around a transformers model) and
+    grad_accum=2 logs the losses of 1 process with grad_accum=2, and leaves a child load_model reads."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from helpers.train import TrainConfig, read_metrics, torchrun_command, train
+    data_dir, vocab = data
+    make_hf("GPTNeoXConfig", tmp_path / "parent", vocab=vocab)
+    base = dict(parent=str(tmp_path / "parent"), n_layers=2, data_dir=str(data_dir), max_iters=4, batch_size=2,
+                block_size=32, grad_accum=2, eval_interval=2, eval_iters=2, log_interval=1, warmup_iters=2,
+                learning_rate=1e-3, device="cpu", progress=False)
+    train(TrainConfig.from_dict({**base, "out_dir": str(tmp_path / "one")}))
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(torchrun_command(TrainConfig.from_dict({**base, "out_dir": str(tmp_path / "two")}), 2),
+                          cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert list(a["step"]) == list(b["step"]) == [0, 2, 4]
+    for name in ("train_loss", "val_loss"):
+        assert list(b[name]) == pytest.approx(list(a[name]), rel=1e-5)
+    assert a["val_loss"].iloc[-1] < a["val_loss"].iloc[0]
+    assert isinstance(load_model(tmp_path / "two"), HFCausalLM)
+
+
 def test_whole_split_val_loss_of_a_generic_model(data, tmp_path):
     """helpers.evaluate on a transformers model (loaded or by path): the loss over every val token,
     equal to cross-entropy of its own logits computed here."""
