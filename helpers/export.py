@@ -52,9 +52,9 @@ def write_tokenizer(model, out: Path) -> bool:
 def hf_tokenizer(model):
     """The model's tokenizer as a Hugging Face tokenizer, built offline: GPT-2's from the embedded
     rank file, a GGUF file's from its metadata, a folder's from its tokenizer.json (a model folder
-or a tokenizer's own). Names such as
-    "smollm2-135m" or a checkpoint of ours resolve as helpers.tokenizer.get_encoding resolves them;
-    no tokenizer recorded means GPT-2's (nanoGPT's and the student project's checkpoints)."""
+    or a tokenizer's own). Names such as "smollm2-135m" or a checkpoint of ours resolve as
+    helpers.tokenizer.get_encoding resolves them; no tokenizer recorded means GPT-2's (nanoGPT's
+    and the student project's checkpoints)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from helpers.sources import resolve_tokenizer_source
