@@ -28,13 +28,18 @@ def make_hf_llama(path, tie=False, **kw):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(**{**LLAMA_KW, **kw}, tie_word_embeddings=tie)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    # random init leaves norms at 1; perturb them so the norm weights are really tested
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(0.1 * torch.randn_like(p))
+    perturb_norms(model)
     model.save_pretrained(path)
     return model
+
+
+def perturb_norms(model, biases: bool = False) -> None:
+    """Random init leaves norm weights at 1 (0 for Gemma's 1 + w) and biases at 0, where a weight
+    loaded into the wrong place or not at all changes nothing: nudge them so that it shows."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or (biases and n.endswith("bias")):
+                p.add_(0.1 * torch.randn_like(p))
 
 
 @pytest.fixture(scope="session")

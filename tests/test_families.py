@@ -3,7 +3,7 @@ tiny random transformers models built here (non-default sizes, GQA, tied and unt
 import pytest
 import torch
 
-from conftest import tokens
+from conftest import perturb_norms, tokens
 from helpers.checkpoint import export_hf, load_model
 from helpers.inherit import inherit, truncated_forward
 
@@ -23,10 +23,7 @@ def make_hf(family, path, tie):
     torch.manual_seed(0)
     cfg = getattr(transformers, cls_name)(**BASE, **extra, tie_word_embeddings=tie)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # random init leaves norms at 1 and biases at 0; perturb them so they are tested
-        for n, p in model.named_parameters():
-            if "norm" in n or n.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
+    perturb_norms(model, biases=True)
     model.save_pretrained(path)
     return model
 

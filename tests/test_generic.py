@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import tokens
+from conftest import perturb_norms, tokens
 from helpers.checkpoint import export_hf, load_model, save_checkpoint
 from helpers.errors import CheckpointError
 from helpers.generic import HFCausalLM
@@ -26,10 +26,7 @@ def make_hf(arch, path, vocab=1000):
     torch.manual_seed(0)
     cfg = getattr(transformers, arch)(**SIZES, **ARCHES[arch], vocab_size=vocab)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # norms start at 1 (or 0 for Gemma's 1 + w); perturb them so they are tested
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(0.1 * torch.randn_like(p))
+    perturb_norms(model)
     model.save_pretrained(path)
     return model
 
