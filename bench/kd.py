@@ -10,12 +10,11 @@ import argparse
 
 import torch
 
-from _common import alternate, print_table, write_json
+from _common import alternate, print_table, smollm2_parent, write_json
 
-from helpers.checkpoint import CheckpointError, load_model
 from helpers.head_loss import Distill
 from helpers.inherit import inherit
-from helpers.model import GPT, GPTConfig, llama_config
+from helpers.model import GPT, GPTConfig
 
 
 def build(args) -> tuple[GPT, GPT, str]:
@@ -24,12 +23,8 @@ def build(args) -> tuple[GPT, GPT, str]:
         teacher = GPT(GPTConfig(n_layer=12, n_embd=384, n_head=6, block_size=1024, vocab_size=50257))
         what = "GPT-2 12L/384d teacher, 6L child"
     else:
-        try:
-            teacher, what = load_model("smollm2-135m"), "SmolLM2-135M teacher (30L), 15L child"
-        except CheckpointError:
-            teacher = GPT(llama_config(n_layer=30, n_embd=576, n_head=9, n_kv_head=3, intermediate_size=1536,
-                                       vocab_size=49152, block_size=2048, rope_base=1e5, norm_eps=1e-5))
-            what = "random SmolLM2-shaped teacher (30L), 15L child"
+        teacher, what = smollm2_parent()
+        what = f"{what} teacher (30L), 15L child"
     return inherit(teacher, teacher.config.n_layer // 2), teacher.eval().requires_grad_(False), what
 
 

@@ -19,7 +19,7 @@ import json
 
 import torch
 
-import _common  # noqa: F401 (puts the repository on sys.path)
+from _common import SMOLLM2_SHAPE  # (also puts the repository on sys.path)
 from helpers.model import GPT, GPTConfig, llama_config
 
 BYTES_PER_PARAM = 16
@@ -28,8 +28,7 @@ GATHERED = 8
 USABLE = 0.8
 
 PARENTS = {  # name: (config of the parent, layers the child keeps, why this child)
-    "SmolLM2-135M": (llama_config(n_layer=30, n_embd=576, n_head=9, n_kv_head=3, intermediate_size=1536,
-                                  vocab_size=49152, block_size=2048, tie_embeddings=True), 15, "the demo's child"),
+    "SmolLM2-135M": (llama_config(**SMOLLM2_SHAPE), 15, "the demo's child"),
     "GPT-2 medium": (GPTConfig(n_layer=24, n_embd=1024, n_head=16), 16, "the paper's GPT-2 child"),
     "GPT-2 xl": (GPTConfig(n_layer=48, n_embd=1600, n_head=25), 24, "half of GPT-2 xl"),
     "OpenLLaMA-3B": (llama_config(n_layer=26, n_embd=3200, n_head=32, intermediate_size=8640, vocab_size=32000,

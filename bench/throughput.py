@@ -16,11 +16,11 @@ import tempfile
 
 import torch
 
-from _common import alternate, print_table, write_json
+from _common import alternate, print_table, smollm2_parent, write_json
 
-from helpers.checkpoint import CheckpointError, export_hf, load_model
+from helpers.checkpoint import export_hf
 from helpers.inherit import inherit
-from helpers.model import GPT, GPTConfig, llama_config
+from helpers.model import GPT, GPTConfig
 
 
 def build(args) -> tuple[GPT, str]:
@@ -29,12 +29,8 @@ def build(args) -> tuple[GPT, str]:
         cfg = GPTConfig(n_layer=args.layers or 6, n_embd=args.dim, n_head=args.heads, block_size=1024, vocab_size=50257)
         return GPT(cfg), f"GPT-2 {cfg.n_layer}L/{cfg.n_embd}d/{cfg.n_head}h"
     layers = args.layers or 15
-    try:
-        return inherit(load_model("smollm2-135m"), layers), f"SmolLM2-135M, first {layers} layers"
-    except CheckpointError:
-        cfg = llama_config(n_layer=layers, n_embd=576, n_head=9, n_kv_head=3, intermediate_size=1536,
-                           vocab_size=49152, block_size=2048, rope_base=1e5, norm_eps=1e-5)
-        return GPT(cfg), f"random SmolLM2-shaped model, {layers} layers"
+    parent, what = smollm2_parent()
+    return inherit(parent, layers), f"{what}, first {layers} layers"
 
 
 def main():
