@@ -4,6 +4,7 @@ lm-evaluation-harness, vLLM and the rest can use a child as it is)."""
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -34,18 +35,30 @@ def export_hf(model: GPT, out_dir) -> Path:
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
 def write_tokenizer(model, out: Path) -> bool:
-    """Save the tokenizer the model's provenance names into `out`. False, with a warning naming the
-    reason, when it names one that cannot be found (a moved file, a folder without tokenizer.json):
-    the weights are written all the same. False, silently, when it names none (a random model)."""
-    if not model.provenance.get("tokenizer"):
+    """Save the tokenizer the model's provenance names into `out` (replacing any left there by an
+    earlier export). A folder's tokenizer files are copied as they are; GPT-2's and a GGUF file's
+    are built with transformers. False, with a warning naming the reason, when none can be written
+    (a moved file, a folder without tokenizer.json, transformers missing): the weights are written
+    all the same. False, silently, when the provenance names no tokenizer (a random model)."""
+    for name in TOKENIZER_FILES:
+        (out / name).unlink(missing_ok=True)
+    source = model.provenance.get("tokenizer")
+    if not source:
         return False
+    if Path(source).is_dir() and (Path(source) / "tokenizer.json").is_file():
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copy(Path(source) / name, out / name)
+        return True
     try:
-        tok = hf_tokenizer(model)
-    except CheckpointError as e:
-        warnings.warn(f"export_hf: {out} has no tokenizer ({e})", stacklevel=3)
+        hf_tokenizer(model).save_pretrained(str(out))
+    except (CheckpointError, ImportError, OSError, ValueError) as e:
+        warnings.warn(f"export_hf: {out} has no tokenizer ({type(e).__name__}: {e})", stacklevel=3)
         return False
-    tok.save_pretrained(str(out))
     return True
 
 
@@ -59,6 +72,7 @@ def hf_tokenizer(model):
 
     from helpers.sources import resolve_tokenizer_source
     source = model.provenance.get("tokenizer") or "gpt2"
+    source = "gpt2" if source == "r50k_base" else source  # tiktoken's name for GPT-2's ranks
     if Path(source).is_dir() and (Path(source) / "tokenizer.json").is_file():  # also a tokenizer-only folder
         return AutoTokenizer.from_pretrained(str(source))
     kind, where = resolve_tokenizer_source(source)

@@ -115,14 +115,14 @@ def cross_entropy_sum(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     """(sum of cross-entropy(x @ weight.T, targets) over targets != -1, their count), without ever
     holding the batch's (tokens, vocab) logits. x: (N, C), weight: (V, C), targets: (N,).
 
-    On the CPU in x's own dtype: `token_chunk` tokens at a time (default 2,048: the head's weight is
+    On the CPU in float32: `token_chunk` tokens at a time (default 2,048: the head's weight is
     read once per chunk) times `vocab_chunk` vocabulary rows, into one (token_chunk, vocab_chunk)
     buffer kept between calls, whose log-sum-exp is taken in place while it is in cache (no copy
     of the block, as torch.logsumexp makes); the target's logit is x . w[t], on the small side.
     Measured for the SmolLM2 child's head: ~12% faster than torch.logsumexp on blocks of a
     (1,365, vocab) buffer; 64-token chunks were 1.7x slower (small matmuls).
-    Elsewhere (GPUs, autocast): chunks of at most 256 MiB of float32 logits, F.linear + logsumexp.
-    The loss is summed in float32."""
+    Elsewhere (GPUs, autocast, bfloat16 weights): chunks of at most 256 MiB of logits, F.linear in
+    x's dtype, then the log-sum-exp and the sum in float32."""
     vocab = weight.shape[0]
     bad = targets[(targets < -1) | (targets >= vocab)]
     if bad.numel():
@@ -130,7 +130,7 @@ def cross_entropy_sum(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     keep = targets != -1
     x, targets = x[keep], targets[keep]  # ignored tokens cost nothing
     total = torch.zeros((), dtype=torch.float32, device=x.device)
-    plain = x.device.type == "cpu" and x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type)
+    plain = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
     token_chunk = token_chunk or (2048 if plain else max(64, 2 ** 26 // vocab))
     if plain:
         space = (workspace or Workspace()).get(min(token_chunk, x.shape[0]) * min(vocab_chunk, vocab), x)

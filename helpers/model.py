@@ -95,7 +95,8 @@ def llama_config(**kw) -> GPTConfig:
 def in_place_ok(x: torch.Tensor) -> bool:
     """Whether the forward may take its fewer-pass, in-place paths for x: no autograd graph to keep,
     float32 on the CPU. Together (RMSNorm, RoPE, SwiGLU) they made the SmolLM2 child's no-grad
-    body ~10% faster on a 2-core CPU; training and GPUs (which fuse such ops) keep the plain ops."""
+    forward ~7% faster on a 2-core CPU (BENCHMARKS.md); training and GPUs (which fuse such ops)
+    keep the plain ops."""
     return not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -115,17 +116,25 @@ def save_checkpoint(path, model: GPT, **state) -> Path:
     return path
 
 
+_CRC_OPTION = threading.Lock()  # torch's CRC switch is process-wide: one save at a time flips it
+
+
 def save_without_crc(obj, f) -> None:
     """torch.save without the zip CRC-32 of every record: a ~1 GB checkpoint (the SmolLM2 child's
-    weights and AdamW state) wrote in 0.83 s instead of 1.45 s. The write is atomic and fsynced
-    (files.atomic_write), and a truncated file still fails to load; a flipped bit inside a tensor
-    is what goes unnoticed."""
-    before = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
+    weights and AdamW state) wrote in 0.83 s instead of 1.45 s. Nothing torch.load checks is lost
+    (it never reads the CRCs: a flipped bit in a tensor went unnoticed before too, and a truncated
+    file still fails); zip tools that verify CRCs (Python's zipfile.read) reject such a file. The
+    write is atomic and fsynced (files.atomic_write). torch < 2.6 has no switch: a plain save."""
+    if not hasattr(torch.serialization, "set_crc32_options"):
         torch.save(obj, f)
-    finally:
-        torch.serialization.set_crc32_options(before)
+        return
+    with _CRC_OPTION:
+        before = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            torch.save(obj, f)
+        finally:
+            torch.serialization.set_crc32_options(before)
 
 
 def read_sidecar(path) -> dict | None:

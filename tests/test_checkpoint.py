@@ -114,6 +114,15 @@ def test_checkpoints_skip_the_zip_crc_and_leave_the_global_option_as_it_was(hf_g
     assert torch.equal(logits(load_model(ck)), logits(model))
 
 
+def test_checkpoints_save_plainly_on_a_torch_without_the_crc_switch(hf_gpt2, tmp_path, monkeypatch):
+    import zipfile
+    model = load_model(hf_gpt2[1])
+    monkeypatch.delattr(torch.serialization, "set_crc32_options")  # torch < 2.6
+    ck = save_checkpoint(tmp_path / "a.pt", model, step=1)
+    assert all(i.CRC != 0 for i in zipfile.ZipFile(ck).infolist() if i.file_size > 1000)
+    assert torch.equal(logits(load_model(ck)), logits(model))
+
+
 def test_export_hf_round_trip(hf_gpt2, tmp_path):
     import transformers
     _, path = hf_gpt2
@@ -132,10 +141,19 @@ def test_export_hf_round_trip(hf_gpt2, tmp_path):
 def test_export_without_a_findable_tokenizer_writes_the_weights_and_says_why(hf_gpt2, tmp_path):
     model = load_model(hf_gpt2[1])
     model.provenance["tokenizer"] = str(tmp_path / "moved" / "parent.gguf")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "tokenizer.json").write_text("{}")  # an earlier export's: not to be taken for this one's
     with pytest.warns(UserWarning, match="no tokenizer.*parent.gguf"):
         export_hf(model, tmp_path / "export")
     assert (tmp_path / "export" / "model.safetensors").is_file()
     assert not (tmp_path / "export" / "tokenizer.json").exists()
+
+
+def test_tiktoken_name_of_gpt2_gives_the_gpt2_tokenizer():
+    from helpers.export import hf_tokenizer
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=50257, block_size=16))
+    model.provenance = {"tokenizer": "r50k_base"}  # what data prepared with tokenizer="r50k_base" records
+    assert hf_tokenizer(model).encode("hello world") == [31373, 995]
 
 
 # ---- every way to get it wrong: one CheckpointError naming the file ---------------------------

@@ -60,6 +60,19 @@ def test_loss_only_head_equals_cross_entropy(chunk, vocab_chunk, scale):
         cross_entropy_sum(x, w, torch.full((50,), 300))
 
 
+def test_loss_only_head_of_bfloat16_weights_sums_in_float32():
+    """bfloat16 on the CPU: the head's product in bfloat16 (as the model's own head), the log-sum-exp
+    in float32, not block by block in bfloat16."""
+    import torch.nn.functional as F
+
+    from helpers.head_loss import cross_entropy_sum
+    torch.manual_seed(0)
+    x, w, t = torch.randn(64, 16).bfloat16(), torch.randn(5000, 16).bfloat16(), torch.randint(0, 5000, (64,))
+    total, n = cross_entropy_sum(x, w, t, vocab_chunk=512)
+    want = F.cross_entropy((x @ w.T).float(), t, reduction="sum").item()
+    assert n == 64 and total.dtype == torch.float32 and total.item() == pytest.approx(want, rel=1e-6)
+
+
 def test_whole_split_val_loss_keeps_no_logits(model, monkeypatch):
     """val_loss_full equals the loss of the full logits over the whole split (a last window padded
     with ignored targets included), without calling the head module and with a buffer of one chunk."""
