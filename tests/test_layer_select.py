@@ -8,21 +8,12 @@ import torch.nn.functional as F
 
 from conftest import tokens
 from helpers.checkpoint import load_model
-from helpers.inherit import inherit, layer_scores, select_layers, truncated_forward
+from helpers.inherit import hidden_states, inherit, layer_scores, select_layers, truncated_forward
 
 
 @pytest.fixture(params=["gpt2", "llama"])
 def parent(request, hf_gpt2, hf_llama):
     return load_model((hf_gpt2 if request.param == "gpt2" else hf_llama)[1])
-
-
-def _states(parent, idx):
-    x, rope = parent.embed(idx)
-    out = [x]
-    for b in parent.transformer.h:
-        x = b(x, rope)
-        out.append(x)
-    return out
 
 
 def test_scores_equal_direct_computations(parent):
@@ -31,7 +22,7 @@ def test_scores_equal_direct_computations(parent):
     assert list(sc.index) == [0, 1, 2] and list(sc.columns) == ["block_influence", "angular_distance",
                                                                  "attention_rank", "early_exit_loss"]
     with torch.no_grad():
-        h = _states(parent, idx)
+        h = hidden_states(parent, idx)
         for i in range(3):
             cos = F.cosine_similarity(h[i], h[i + 1], dim=-1).mean().item()
             assert sc.loc[i, "block_influence"] == pytest.approx(1 - cos, abs=1e-5)
