@@ -126,3 +126,27 @@ def test_scores_merge_into_eval_table_and_plot():
     fig = plot_downstream(scores)
     heights = [b.get_height() for b in fig.axes[0].patches]
     assert heights == pytest.approx([50, 25, 37.5, 75, 0, 37.5])  # child (mc, word, mean), then scratch
+
+
+def test_04_scores_tasks_into_its_tables_and_a_chart(train_inputs, tmp_path):
+    """Notebook 04 with `tasks` (a local task through task_include_path): downstream.csv one row per
+    (model, task), its accuracies merged into eval.csv and eval.json, the bar chart saved and shown."""
+    import pandas as pd
+    import papermill
+    from test_notebooks import NOTEBOOKS
+    mc = [{"question": q, "choices": c, "answer": 0} for q, c in QUESTIONS]
+    (tmp_path / "mc.json").write_text(json.dumps(mc))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_mc.yaml").write_text(MC_YAML.format(path=tmp_path / "mc.json"))
+    params = dict(models=json.dumps({"parent": str(train_inputs / "parent.pt")}), data_dir=str(train_inputs / "data"),
+                  out_dir=str(tmp_path / "eval"), block_size=32, max_new_tokens=2, attention_tokens=16,
+                  prompts=["def f():"], tasks=["tiny_mc"], task_include_path=str(tmp_path / "tasks"), batch_size=2)
+    nb = papermill.execute_notebook(str(NOTEBOOKS / "04_eval.ipynb"), str(tmp_path / "04.ipynb"), parameters=params,
+                                    progress_bar=False, cwd=str(tmp_path))
+    scores = pd.read_csv(tmp_path / "eval" / "downstream.csv")
+    assert scores[["model", "task"]].values.tolist() == [["parent", "tiny_mc"]] and 0 <= scores["acc"][0] <= 1
+    table = pd.read_csv(tmp_path / "eval" / "eval.csv").set_index("model")
+    assert table.loc["parent", "tiny_mc_acc"] == pytest.approx(scores["acc"][0])
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())[0]["tiny_mc_acc"] == pytest.approx(scores["acc"][0])
+    assert (tmp_path / "eval" / "images" / "downstream.png").stat().st_size > 5000
+    assert any("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
