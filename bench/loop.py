@@ -23,7 +23,7 @@ import torch
 
 from _common import ROOT, print_table, write_json
 
-import helpers.train
+import helpers.saving
 from helpers.data import get_batch, open_split
 from helpers.pipeline import PRESETS
 from helpers.train import TrainConfig, build_model, configure_optimizer, read_metrics, train
@@ -54,7 +54,7 @@ def timed_loop(cfg: TrainConfig):
     """helpers.train.train(cfg) with its checkpoint writes timed: (seconds of the call, seconds of
     each write, the metrics, the checkpoint files left)."""
     spent = []
-    save = helpers.train.save_checkpoint
+    save = helpers.saving.save_checkpoint
 
     def timed_save(*a, **kw):
         t0 = time.perf_counter()
@@ -63,12 +63,12 @@ def timed_loop(cfg: TrainConfig):
         finally:
             spent.append(time.perf_counter() - t0)
 
-    helpers.train.save_checkpoint = timed_save
+    helpers.saving.save_checkpoint = timed_save
     t = time.perf_counter()
     try:
         train(cfg)
     finally:
-        helpers.train.save_checkpoint = save
+        helpers.saving.save_checkpoint = save
     return time.perf_counter() - t, spent, read_metrics(cfg.out_dir), sorted(p.name for p in Path(cfg.out_dir).glob("*.pt"))
 
 

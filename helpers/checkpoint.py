@@ -10,10 +10,12 @@
 - a GGUF file of Llama, Mistral, Qwen2 or Qwen3 (dequantized to float);
 - a nanoGPT `ckpt.pt`, the Kaggle student project's `model_state_dict` files, and ours.
 
-Each format is one module: helpers.sources (where a source lives), helpers.hf_format,
-helpers.gguf_format, helpers.torch_format (ours, nanoGPT, student), helpers.export, with the
-weight-name tables of every family in helpers.families and file helpers in helpers.files.
-Every problem a user can cause raises `CheckpointError` with one line naming the file and the problem.
+This module is the face of the formats: each format is one module of helpers.formats (sources:
+where a source lives; hf, gguf, torch_files: ours, nanoGPT's, the student project's; families: the
+weight-name tables of every family), export_hf is helpers.export, file helpers are helpers.files.
+A Hugging Face folder of a native family becomes our GPT, any other decoder a helpers.generic
+model: helpers.formats.hf decides. Every problem a user can cause raises `CheckpointError` with one
+line naming the file and the problem. Floor "checkpoint": everything above loads and saves models through here.
 """
 from __future__ import annotations
 
@@ -21,15 +23,16 @@ import torch
 
 from helpers.errors import CheckpointError  # noqa: F401 (importable from here)
 from helpers.export import export_hf  # noqa: F401
-from helpers.families import assign_state  # noqa: F401
 from helpers.files import atomic_write, unwritable_reason  # noqa: F401
-from helpers.gguf_format import load_gguf, permute_rope_rows, unpermute_rope_rows  # noqa: F401
-from helpers.hf_format import config_from_hf, load_hf_folder, state_from_hf, state_to_hf  # noqa: F401
+from helpers.formats.families import assign_state  # noqa: F401
+from helpers.formats.gguf import load_gguf, permute_rope_rows, unpermute_rope_rows  # noqa: F401
+from helpers.formats.hf import config_from_hf, load_hf_folder, state_from_hf, state_to_hf  # noqa: F401
+from helpers.formats.sources import (CKPT_NAMES, EMBEDDED, GPT2_HUB_IDS, embedded_path, looks_local,  # noqa: F401
+                                     resolve, resolve_tokenizer_source)
+from helpers.formats.torch_files import (FORMAT, FORMAT_VERSION, config_from_nanogpt_keys,  # noqa: F401
+                                         load_torch_checkpoint, load_training_state, read_sidecar, save_checkpoint,
+                                         sidecar_path)
 from helpers.model import GPT
-from helpers.sources import (CKPT_NAMES, EMBEDDED, GPT2_HUB_IDS, embedded_path, resolve,  # noqa: F401
-                             resolve_tokenizer_source)
-from helpers.torch_format import (FORMAT, FORMAT_VERSION, config_from_nanogpt_keys, load_torch_checkpoint,  # noqa: F401
-                                  load_training_state, read_sidecar, save_checkpoint, sidecar_path)
 
 
 def load_model(source, device="cpu", dtype: torch.dtype = torch.float32) -> GPT:

@@ -2,6 +2,7 @@
 parameters, the command line's key=value pairs (`python -m helpers.train`) and the YAML keys of
 `--config`; `coerce` turns user text into each field's type, and nothing else parses it (the
 pipeline's settings too); `TrainConfig.to_args` and `to_text` write a config back as that text.
+Floor "training": uses the errors, helpers.inherit (the strategy names) and helpers.trackers (report_to's names).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.errors import ConfigError
+from helpers.inherit import COPY_MODES, STRATEGIES
+from helpers.trackers import REPORT_TO
 
 
 def default_root() -> str:
@@ -51,10 +54,12 @@ class TrainConfig:
     log_interval: int = 10  # steps between progress-bar updates (the only host syncs)
     keep_last: int = 2  # step checkpoints kept, besides best.pt
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | float32 | bfloat16 (on CPUs: AVX512-BF16 only) | float16
     compile: bool = False
+    grad_checkpointing: bool = False  # recompute each block in the backward pass: activations stop growing with depth
     seed: int = 1337
     progress: bool = True
+    report_to: str = "none"  # none | tensorboard | wandb: each metrics.jsonl line mirrored there too (helpers.trackers)
     # multi-process training (torchrun): how the processes share the model
     parallel: str = "ddp"  # ddp: a full copy per process | fsdp: weights, gradients and AdamW state sharded (FSDP2)
     # which blocks the child keeps (helpers.inherit)
@@ -119,11 +124,12 @@ class TrainConfig:
             raise ConfigError(f"parallel={self.parallel!r}: use ddp (a full copy per process) or fsdp (sharded)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
-        from helpers.inherit import COPY_MODES, STRATEGIES
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy={self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
         if self.copy not in COPY_MODES:
             raise ConfigError(f"copy={self.copy!r}: choose one of {', '.join(COPY_MODES)}")
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(f"report_to={self.report_to!r}: choose one of {', '.join(REPORT_TO)}")
         if self.layers is not None and self.strategy != "first":
             raise ConfigError(f"layers={self.layers} and strategy={self.strategy!r}: give one of them, not both")
         if self.layers is not None and self.n_layers is not None and self.n_layers != len(self.layers):
@@ -189,6 +195,8 @@ def coerce(name: str, typ, value):
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
         if optional:
             return None
+        if base is str and isinstance(value, str) and value.strip():
+            return value  # a text setting that cannot be None: "none" is its text (report_to=none)
         raise ConfigError(f"{name}: None is not allowed; give a {base.__name__}")
     if typing.get_origin(base) is list and isinstance(value, (str, list, tuple)):  # "0,1,29", "[0, 1]" or a list
         items = value.strip().strip("[]()").replace(",", " ").split() if isinstance(value, str) else value

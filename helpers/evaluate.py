@@ -1,108 +1,47 @@
 """Evaluation: the honest comparison of parent, inherited child and scratch child.
 
-- `val_loss_full`: loss and perplexity over the *whole* validation split, one deterministic
-  sequential pass (every token predicted exactly once), not a sample of random batches.
-- `continuations`: greedy and sampled text from fixed prompts, side by side.
-- `attention_collapse`: the paper's later diagnostic: per layer and head, the rank of the
-  post-softmax attention matrix on real text (smallest k whose squared singular values hold 90%
-  of the energy) and whether the head puts most of its mass on a single column; a layer whose
-  heads are all degenerate is "lazy".
+- `evaluate_models`: val loss over the whole val split of each model (helpers.measures.val_loss_full),
+  written to eval.csv and eval.json;
+- `continuations`: greedy and sampled text from fixed prompts, side by side;
+- `attention_collapse` (from helpers.measures): the paper's lazy-layer diagnostic;
+- `downstream`: zero- or few-shot accuracy through lm-evaluation-harness.
+
+Floor "evaluation": loads models through helpers.checkpoint and measures them through helpers.measures.
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
-from helpers.checkpoint import load_model, read_sidecar, resolve
-from helpers.data import iter_sequential, open_split
+from helpers.checkpoint import export_hf, load_model, read_sidecar, resolve
+from helpers.data import open_split
 from helpers.errors import ConfigError, HelpersError
-from helpers.model import GPT, attention_mask
-
-
-@torch.no_grad()
-def val_loss_full(model: GPT, data_dir, block_size: int = 256, batch_size: int = 8, device="cpu",
-                  max_tokens: int | None = None) -> dict:
-    """Mean next-token loss over the whole val split (or its first max_tokens tokens). Only the loss
-    is computed for our own model (GPT.loss_sum): no (tokens, vocab) logits are kept."""
-    model.eval()
-    data = open_split(data_dir, "val")
-    total_loss, count = 0.0, 0
-    block_size = min(block_size, model.config.block_size)
-    for x, y in iter_sequential(data, block_size, batch_size, device, max_tokens):
-        if isinstance(model, GPT):
-            loss, n = model.loss_sum(x, y)
-        else:  # a transformers model (generic path): its own head, then the loss
-            logits = model(x)[0].float()
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
-            n = int((y >= 0).sum())
-        total_loss += loss.item()
-        count += n
-    mean = total_loss / count
-    return {"val_loss": mean, "perplexity": math.exp(min(mean, 50.0)), "val_tokens": count}
+from helpers.measures import attention_collapse, attention_maps, val_loss_full  # noqa: F401 (public here too)
+from helpers.model import GPT
+from helpers.tokenizer import encode_prompt, hf_tokenizer
 
 
 @torch.no_grad()
 def continuations(models: dict, enc, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.8,
                   top_k: int | None = 50, seed: int = 0, device="cpu") -> pd.DataFrame:
-    """One row per (prompt, model): a greedy and a sampled continuation."""
+    """One row per (prompt, model): a greedy and a sampled continuation. Prompts start as the
+    training documents did (helpers.tokenizer.encode_prompt); ids a padded embedding has past the
+    tokenizer's vocabulary (nanoGPT's 50,304 rows for 50,257 tokens) have no text and are left out."""
     rows = []
     for prompt in prompts:
-        ids = torch.tensor([enc.encode_ordinary(prompt)], device=device)
+        ids = torch.tensor([encode_prompt(enc, prompt)], device=device)  # after the BOS where documents had one
         for name, model in models.items():
             greedy = model.generate(ids, max_new_tokens, temperature=0)
             sampled = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k,
                                      generator=torch.Generator(device=device).manual_seed(seed))
-            rows.append({"prompt": prompt, "model": name,
-                         "greedy": enc.decode(greedy[0, ids.size(1):].tolist()),
-                         "sampled": enc.decode(sampled[0, ids.size(1):].tolist())})
+            text = [enc.decode([i for i in out[0, ids.size(1):].tolist() if i < enc.n_vocab])
+                    for out in (greedy, sampled)]
+            rows.append({"prompt": prompt, "model": name, "greedy": text[0], "sampled": text[1]})
     return pd.DataFrame(rows)
-
-
-@torch.no_grad()
-def attention_maps(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
-    """Post-softmax causal attention of every layer for idx (1, T): a list of (n_head, T, T)."""
-    if not isinstance(model, GPT):
-        raise ConfigError(f"attention maps need a native model (gpt2, llama, mistral, qwen2, qwen3); this "
-                          f"{model.config.hf.get('model_type')!r} model is on the generic path")
-    model.eval()
-    T = idx.size(1)
-    x, rope = model.embed(idx)
-    mask = attention_mask(T, 0, idx.device, model.config.sliding_window)  # a sliding window, if any
-    mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril() if mask is None else mask
-    maps = []
-    for block in model.transformer.h:
-        attn = block.attn
-        q, k, _ = attn.heads(block.ln_1(x), rope)  # exactly what the block's attention computes
-        k = k.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(attn.head_dim)
-        maps.append(scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)[0].float())
-        x = block(x, rope)
-    return maps
-
-
-def attention_collapse(model: GPT, idx: torch.Tensor, energy: float = 0.9, single_column: float = 0.5) -> pd.DataFrame:
-    """Per (layer, head): rank holding `energy` of the squared singular values, that rank as a
-    share of T, the largest share of attention mass on one column, and whether the head is
-    degenerate (mass share above `single_column`). `lazy` marks layers with every head degenerate."""
-    rows = []
-    for layer, maps in enumerate(attention_maps(model, idx)):
-        T = maps.size(-1)
-        for head, a in enumerate(maps):
-            s = torch.linalg.svdvals(a.double())
-            share = (s ** 2).cumsum(0) / (s ** 2).sum()
-            rank = int((share < energy).sum().item()) + 1
-            column_mass = (a.sum(dim=0) / T).max().item()
-            rows.append({"layer": layer, "head": head, "rank90": rank, "rank_frac": rank / T,
-                         "max_column_share": column_mass, "degenerate": column_mass > single_column})
-    df = pd.DataFrame(rows)
-    df["lazy"] = df.groupby("layer")["degenerate"].transform("all")
-    return df
 
 
 def tokens_seen(source) -> int | None:
@@ -116,14 +55,15 @@ def tokens_seen(source) -> int | None:
 
 
 def evaluate_models(models: dict, data_dir, out_dir=None, block_size: int = 256, batch_size: int = 8,
-                    device="cpu", max_tokens: int | None = None) -> pd.DataFrame:
+                    device="cpu", max_tokens: int | None = None, dtype: torch.dtype = torch.float32) -> pd.DataFrame:
     """Val loss over the whole val split for each {name: source or GPT}; written to
-    out_dir/eval.csv and eval.json when out_dir is given."""
+    out_dir/eval.csv and eval.json when out_dir is given. dtype=torch.bfloat16 computes in bfloat16
+    (autocast); the losses are summed in float32 either way."""
     rows = []
     for name, source in models.items():
         model = source if isinstance(source, torch.nn.Module) else load_model(source, device=device)
         model.to(device)
-        res = val_loss_full(model, data_dir, block_size, batch_size, device, max_tokens)
+        res = val_loss_full(model, data_dir, block_size, batch_size, device, max_tokens, dtype=dtype)
         rows.append({"model": name, "layers": model.config.n_layer, "params": model.num_params(),
                      "tokens_seen": tokens_seen(source) if not isinstance(source, torch.nn.Module) else None, **res})
     df = pd.DataFrame(rows)
@@ -145,10 +85,9 @@ def sample_ids(data_dir, length: int, offset: int = 0) -> torch.Tensor:
 def export_for_harness(model: GPT, out_dir) -> Path:
     """A Hugging Face folder (weights, config and tokenizer) that lm-evaluation-harness loads; a
     model with no tokenizer recorded (a random test model) gets GPT-2's."""
-    from helpers.export import export_hf, hf_tokenizer
     out = export_hf(model, out_dir)
     if not (out / "tokenizer.json").is_file():
-        hf_tokenizer(model).save_pretrained(str(out))
+        hf_tokenizer(model.provenance.get("tokenizer")).save_pretrained(str(out))
     return out
 
 
@@ -192,3 +131,58 @@ def merge_downstream(results: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFram
     wide = wide.dropna(axis=1, how="all")
     wide.columns = [f"{task}_{metric}" for metric, task in wide.columns]
     return results.merge(wide[sorted(wide.columns)], left_on="model", right_index=True, how="left")
+
+
+# ---- notebook 04's tables ------------------------------------------------------------------------
+def task_list(tasks) -> list[str]:
+    """The `tasks` parameter as a list of names: a list, JSON text ('["arc_easy", "piqa"]') or
+    comma-separated text ('arc_easy,piqa', what `papermill -p tasks ...` passes); '' or [] for none."""
+    if isinstance(tasks, str):
+        text = tasks.strip()
+        tasks = json.loads(text) if text.startswith("[") else text.split(",")
+    return [str(t).strip() for t in tasks or [] if str(t).strip()]
+
+
+def write_results(results: pd.DataFrame, out_dir) -> pd.DataFrame:
+    """results as out_dir/eval.csv and eval.json (one record per model); returns them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results.to_csv(out / "eval.csv", index=False)
+    (out / "eval.json").write_text(json.dumps(results.to_dict(orient="records"), indent=1))
+    return results
+
+
+def compare_models(loaded: dict, sources: dict, data_dir, out_dir, block_size: int = 256, batch_size: int = 8,
+                   device="cpu") -> pd.DataFrame:
+    """Whole-split val loss of each already loaded {name: model}, with the training tokens that
+    its source's sidecar records ({name: source}), written to out_dir/eval.csv and eval.json."""
+    results = evaluate_models(loaded, data_dir, block_size=block_size, batch_size=batch_size, device=device)
+    results["tokens_seen"] = [tokens_seen(sources[name]) for name in results["model"]]
+    return write_results(results, out_dir)
+
+
+def attention_report(models: dict, ids: torch.Tensor, out_dir) -> tuple[pd.DataFrame, dict]:
+    """The attention-collapse diagnostic of each {name: model} on one (1, T) sample: per model a
+    table (attention_<name>.csv in out_dir), and one summary row each (attention_summary.csv):
+    mean rank share, degenerate heads, lazy layers. Models of the generic path (transformers'
+    own attention, not instrumented) are left out of both. Returns (summary, {name: table})."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary, tables = [], {}
+    for name, model in models.items():
+        if not isinstance(model, GPT):
+            continue
+        table = attention_collapse(model, ids[:, : model.config.block_size])
+        table.to_csv(out / f"attention_{slug(name)}.csv", index=False)
+        tables[name] = table
+        summary.append({"model": name, "layers": model.config.n_layer, "mean_rank_frac": table["rank_frac"].mean(),
+                        "degenerate_heads": int(table["degenerate"].sum()), "heads": len(table),
+                        "lazy_layers": sorted(table.loc[table["lazy"], "layer"].unique().tolist())})
+    summary = pd.DataFrame(summary, columns=["model", "layers", "mean_rank_frac", "degenerate_heads", "heads", "lazy_layers"])
+    summary.to_csv(out / "attention_summary.csv", index=False)
+    return summary, tables
+
+
+def slug(name: str) -> str:
+    """A model's name as a file name part: every character but letters and digits becomes _."""
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")

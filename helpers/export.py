@@ -1,6 +1,7 @@
 """export_hf: any model of ours as a Hugging Face folder that the family's own transformers class
 loads with identical logits, with the model's tokenizer in Hugging Face's form (so
-lm-evaluation-harness, vLLM and the rest can use a child as it is)."""
+lm-evaluation-harness, vLLM and the rest can use a child as it is). Floor "checkpoint": uses the formats and
+helpers.tokenizer; helpers.checkpoint offers it."""
 from __future__ import annotations
 
 import json
@@ -9,21 +10,21 @@ import warnings
 from pathlib import Path
 
 from helpers.errors import CheckpointError
-from helpers.hf_format import hf_config, state_to_hf
+from helpers.formats.hf import hf_config, state_to_hf
 from helpers.model import GPT
+from helpers.tokenizer import hf_tokenizer
 
 
 def export_hf(model: GPT, out_dir) -> Path:
     """Write config.json + model.safetensors, and the tokenizer its provenance names (GPT-2's, a
-    GGUF file's, a folder's tokenizer.json; helpers.sources.resolve_tokenizer_source) as
+    GGUF file's, a folder's tokenizer.json; helpers.formats.sources.resolve_tokenizer_source) as
     tokenizer.json + tokenizer_config.json. A model with no tokenizer recorded gets none."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not isinstance(model, GPT):  # a transformers model (helpers.generic): its own save_pretrained
-        from helpers.generic import export_generic
-        export_generic(model, out)
+    if not isinstance(model, GPT):  # a transformers model (helpers.generic): its own class writes it
+        model.hf.save_pretrained(out)
         write_tokenizer(model, out)
         return out
     hf = hf_config(model.config)
@@ -53,35 +54,31 @@ def write_tokenizer(model, out: Path) -> bool:
         for name in TOKENIZER_FILES:
             if (Path(source) / name).is_file():
                 shutil.copy(Path(source) / name, out / name)
+        if sentencepiece_family(out / "tokenizer.json"):
+            run_file_as_written(out / "tokenizer_config.json")
         return True
     try:
-        hf_tokenizer(model).save_pretrained(str(out))
+        hf_tokenizer(source).save_pretrained(str(out))
     except (CheckpointError, ImportError, OSError, ValueError) as e:
         warnings.warn(f"export_hf: {out} has no tokenizer ({type(e).__name__}: {e})", stacklevel=3)
         return False
     return True
 
 
-def hf_tokenizer(model):
-    """The model's tokenizer as a Hugging Face tokenizer, built offline: GPT-2's from the embedded
-    rank file, a GGUF file's from its metadata, a folder's from its tokenizer.json (a model folder
-    or a tokenizer's own). Names such as "smollm2-135m" or a checkpoint of ours resolve as
-    helpers.tokenizer.get_encoding resolves them; no tokenizer recorded means GPT-2's (nanoGPT's
-    and the student project's checkpoints)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+def sentencepiece_family(tokenizer_json: Path) -> bool:
+    """Whether a tokenizer.json holds one of SentencePiece's models (BPE with byte fallback, or
+    Unigram): Llama 2, OpenLLaMA, Mistral, Gemma, Phi-3, TinyLlama."""
+    try:
+        model = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("model") or {}
+    except (OSError, ValueError):
+        return False
+    return model.get("type") == "Unigram" or (model.get("type") == "BPE" and bool(model.get("byte_fallback")))
 
-    from helpers.sources import resolve_tokenizer_source
-    source = model.provenance.get("tokenizer") or "gpt2"
-    source = "gpt2" if source == "r50k_base" else source  # tiktoken's name for GPT-2's ranks
-    if Path(source).is_dir() and (Path(source) / "tokenizer.json").is_file():  # also a tokenizer-only folder
-        return AutoTokenizer.from_pretrained(str(source))
-    kind, where = resolve_tokenizer_source(source)
-    if kind == "gpt2":
-        from transformers.convert_slow_tokenizer import TikTokenConverter
 
-        from helpers.tokenizer import ENDOFTEXT, GPT2_PATTERN, GPT2_RANKS
-        tok = TikTokenConverter(vocab_file=str(GPT2_RANKS), pattern=GPT2_PATTERN, extra_special_tokens=[ENDOFTEXT])
-        return PreTrainedTokenizerFast(tokenizer_object=tok.converted(), bos_token=ENDOFTEXT, eos_token=ENDOFTEXT)
-    if kind == "gguf":
-        return AutoTokenizer.from_pretrained(str(where.parent), gguf_file=where.name)
-    return AutoTokenizer.from_pretrained(str(where.parent))
+def run_file_as_written(tokenizer_config: Path) -> None:
+    """Name transformers' generic fast class in tokenizer_config.json. transformers 5 rebuilds the
+    pipeline of the class a Llama 2 or Mistral folder names (LlamaTokenizer: Metaspace, the dummy
+    prefix dropped before a text that starts with a space) instead of running tokenizer.json, which
+    helpers.tokenizer runs as written; with the generic class both give the same ids."""
+    config = json.loads(tokenizer_config.read_text(encoding="utf-8")) if tokenizer_config.is_file() else {}
+    tokenizer_config.write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))

@@ -1,9 +1,16 @@
-"""Writing files safely: atomic replacement, a writability probe, JSON of plain values."""
+"""Writing files safely: atomic replacement, a writability probe, JSON of plain values, a lock
+that keeps one run per folder, and telling a full disk apart. Floor "ground": imports nothing of the package."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: folders are not locked
+    fcntl = None
 
 
 def atomic_write(path: Path, write) -> None:
@@ -53,3 +60,37 @@ def jsonable(obj):
     if isinstance(obj, Path):
         return str(obj)
     return _SKIP
+
+
+def lock_folder(folder: Path):
+    """(open lock file, None) while this process holds the exclusive lock on `folder` (its file
+    .lock, which records our pid), or (None, pid text of the holder) when another process holds it.
+    The lock lasts while the file stays open; the operating system drops it when the process ends,
+    however it ends (SIGKILL included), so nothing stale is left. Without fcntl (Windows): no lock."""
+    if fcntl is None:
+        return None, None
+    f = open(Path(folder) / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        return None, holder
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f, None
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or one it was raised while handling) is the system's 'No space left on
+    device': torch.save reports it as a RuntimeError ('unexpected pos') raised over the OSError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error = error.__cause__ or error.__context__
+    return False

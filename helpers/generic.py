@@ -1,28 +1,24 @@
-"""Every other decoder-only model of transformers, as a parent and as a child.
+"""Every other decoder-only model of transformers, behind our GPT's interface: the thin adapter.
 
-A model whose family is not native (helpers.model) is loaded with AutoModelForCausalLM and wrapped
-in `HFCausalLM`, which offers what the training loop and evaluation use from our GPT:
-`forward(idx, targets) -> (logits, loss)`, `config.n_layer / block_size / vocab_size`,
-`num_params`, `flops_per_token`, `generate`, `provenance`. It works for any decoder whose blocks are
-one `nn.ModuleList` of `config.num_hidden_layers` modules (GPT-NeoX/Pythia, Phi-3, Gemma 2, OLMo 2,
-...): a child is the same transformers class with the chosen blocks deep-copied, its config and the
-per-layer settings (`layer_idx`, `layer_types`, ...) renumbered so caches and sliding windows still
-match. What the native path has and this one lacks: the fused CPU loss, our KV cache, the attention
-diagnostic and GGUF.
+A model whose family is not native (helpers.model) is a transformers model wrapped in `HFCausalLM`,
+which offers what the training loop and evaluation use from our GPT: `forward(idx, targets) ->
+(logits, loss)`, `config.n_layer / block_size / vocab_size`, `num_params`, `flops_per_token`,
+`generate`, `provenance`. It works for any decoder whose blocks are one `nn.ModuleList` of
+`config.num_hidden_layers` modules (GPT-NeoX/Pythia, Phi-3, Gemma 2, OLMo 2, ...): `find_blocks`
+finds that list. Floor "models", beside helpers.model: it knows nothing of files (helpers.formats.hf and
+torch_files load such models) or of inheritance (helpers.inherit cuts them). What the native path
+has and this one lacks: the fused CPU loss, our KV cache, the attention diagnostic and GGUF.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from helpers.errors import CheckpointError
-from helpers.families import assign_state
 from helpers.model import sample_next
 
 SUPPORTED = ("natively: gpt2, llama, mistral, qwen2, qwen3; generically: any decoder-only model of "
@@ -144,74 +140,8 @@ def config_from_dict(d: dict, where):
     return CONFIG_MAPPING[mt].from_dict(d)
 
 
-def load_generic_folder(path: Path, hf: dict) -> HFCausalLM:
-    """A Hugging Face folder of a non-native family, through AutoModelForCausalLM (which also knows
-    each family's renamed weights); any weight missing, unexpected or of the wrong shape is refused."""
-    import transformers
-    where = path / "config.json"
-    check_decoder(config_from_dict(hf, where), where)
-    try:
-        hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                                           output_loading_info=True)
-    except Exception as e:  # truncated shards, foreign files: transformers' message, on one line
-        raise CheckpointError(f"{path}: transformers cannot load it ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:150]}); check the folder or download it again") from None
-    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad:
-        raise CheckpointError(f"{path}: weights do not match config.json: "
-                              + "; ".join(f"{k.replace('_keys', '')} {sorted(map(str, v))[:3]}" for k, v in bad.items()))
-    model = HFCausalLM(hf_model.eval())
-    model.provenance = {"source": str(path), "format": "huggingface", "tokenizer": str(path), "generic": True}
-    return model
-
-
-def load_generic_checkpoint(model_config: dict, sd: dict, provenance: dict, where) -> HFCausalLM:
-    """One of our checkpoints of a generic model: its transformers config and state dict."""
-    model = HFCausalLM(build(config_from_dict(model_config["hf_config"], where), where))
-    assign_state(model, sd, where)
-    model.provenance = provenance
-    return model
-
-
-def inherit_generic(parent: HFCausalLM, n_layers: int, layers: list[int] | None = None) -> HFCausalLM:
-    """A child of a wrapped transformers parent holding blocks `layers` (default 0..n_layers-1):
-    its own copies of every tensor; config and per-layer settings renumbered."""
-    from helpers.inherit import select_layers  # helpers.inherit imports this module
-    total = parent.hf.config.num_hidden_layers
-    layers, _ = select_layers(parent, n_layers, layers)
-    holder, name, blocks = find_blocks(parent.hf, "inherit")
-    setattr(holder, name, nn.ModuleList())  # copy everything but the blocks...
-    try:
-        child_hf = copy.deepcopy(parent.hf)
-    finally:
-        setattr(holder, name, blocks)
-    memo = {id(parent.hf.config): child_hf.config}  # ...then the chosen blocks, sharing the child's config
-    chosen = nn.ModuleList(copy.deepcopy(blocks[i], memo) for i in layers)
-    child_holder = child_hf.get_submodule(next(n for n, m in parent.hf.named_modules() if m is holder))
-    setattr(child_holder, name, chosen)
-    cfg = child_hf.config
-    for key, value in list(vars(cfg).items()):  # per-layer lists: layer_types (sliding/full), ...
-        if isinstance(value, list) and len(value) == total and key != "architectures":
-            setattr(cfg, key, [value[i] for i in layers])
-    cfg.num_hidden_layers = len(layers)
-    for j, block in enumerate(chosen):  # caches index layers by layer_idx
-        for module in block.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = j
-    child = HFCausalLM(child_hf)
-    child.provenance = {**parent.provenance, "inherited_from": parent.provenance.get("source", "model"),
-                        "parent_n_layer": total, "layers": layers}
-    return child
-
-
 def scratch_like(model: HFCausalLM, seed: int) -> HFCausalLM:
     """A randomly initialised model of the same shape (the paper's baseline)."""
     torch.manual_seed(seed)
     fresh = HFCausalLM(build(model.hf.config, "scratch"))
     return fresh.to(next(model.parameters()).dtype)
-
-
-def export_generic(model: HFCausalLM, out: Path) -> Path:
-    """save_pretrained: the family's own transformers class loads it as it was."""
-    model.hf.save_pretrained(out)
-    return out

@@ -11,93 +11,26 @@ norm and the output head (tied to the embedding or not, as in the parent). Nothi
 the parent, so training the child can never change it (the student project's child shared
 modules with its parent, and training it silently rewrote the parent). `copy="paper"` copies what
 the paper's own code copies (blocks, token embedding, head) and leaves the rest freshly initialised.
+Floor "inherit": uses the measures, the data and the models (native and generic parents alike).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
+from copy import deepcopy
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 
+from helpers.data import get_batch, open_split
+from helpers.generic import HFCausalLM, find_blocks
+from helpers.measures import (check_n_layers, hidden_states, layer_scores, scores_record,  # noqa: F401 (public here too)
+                              val_loss_full)
 from helpers.model import GPT
 
 STRATEGIES = ("first", "first+last", "block-influence", "angular")
 COPY_MODES = ("all", "paper")
 SCORE_OF = {"block-influence": "block_influence", "angular": "angular_distance"}  # the column a strategy reads
-
-
-# ---- scores ----------------------------------------------------------------------------------
-@torch.no_grad()
-def hidden_states(parent: GPT, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """The residual stream before block 0 and after every block: L + 1 tensors (B, T, C)."""
-    parent.eval()
-    x, rope = parent.embed(tokens)
-    states = [x]
-    for block in parent.transformer.h:
-        x = block(x, rope)
-        states.append(x)
-    return states
-
-
-@torch.no_grad()
-def layer_scores(parent: GPT, tokens: torch.Tensor, n_layers: int, attention_tokens: int = 128,
-                 full: bool = True) -> pd.DataFrame:
-    """One row per parent block (index: block number) from one forward pass over `tokens` (B, T):
-
-    - block_influence: 1 - mean over tokens of cos(input, output) of the block (ShortGPT);
-    - angular_distance: arccos(cos(h_i, h_{i+k})) / pi on the last token of each sequence,
-      averaged, for the window of k = L - n_layers blocks starting at i (Gromov et al.); NaN where
-      the window does not fit (and everywhere when k = 0);
-    - attention_rank: rank holding 90% of the attention matrix's energy, mean over heads, on the
-      first sequence's first `attention_tokens` tokens (helpers.evaluate.attention_collapse);
-    - early_exit_loss: next-token loss of the parent using only blocks 0..i, then its final norm and head.
-
-    full=False computes only the first two (all the strategies read): the parent's forward pass,
-    without the L head products of the early exits and the attention maps.
-    """
-    from helpers.evaluate import attention_collapse
-
-    total = parent.config.n_layer
-    _check_n_layers(n_layers, total)
-    if tokens.dim() != 2 or tokens.size(1) < 2:
-        raise ValueError(f"tokens of shape {tuple(tokens.shape)}: give a (batch, time) LongTensor with time >= 2")
-    tokens = tokens.to(parent.transformer.wte.weight.device)
-    states = hidden_states(parent, tokens)
-    influence = [1.0 - F.cosine_similarity(states[i].float(), states[i + 1].float(), dim=-1).mean().item()
-                 for i in range(total)]
-    k = total - n_layers
-    angular = []
-    for i in range(total):
-        if k == 0 or i + k > total:
-            angular.append(math.nan)
-            continue
-        cos = F.cosine_similarity(states[i][:, -1].float(), states[i + k][:, -1].float(), dim=-1)
-        angular.append((torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).mean().item())
-    table = pd.DataFrame({"block_influence": influence, "angular_distance": angular})
-    table.index.name = "block"
-    table.attrs["n_layers"] = n_layers
-    if not full:
-        return table
-    targets = tokens[:, 1:].reshape(-1)
-    early_exit = []
-    for i in range(total):
-        logits = parent.lm_head(parent.transformer.ln_f(states[i + 1][:, :-1]))  # (B, T-1, vocab)
-        early_exit.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets).item())
-        del logits
-    del states
-    attn = attention_collapse(parent, tokens[:1, :attention_tokens])
-    rank = attn.groupby("layer")["rank90"].mean()
-    table["attention_rank"] = [float(rank.get(i, math.nan)) for i in range(total)]
-    table["early_exit_loss"] = early_exit
-    return table
-
-
-def scores_record(scores: pd.DataFrame) -> dict:
-    """The scores as plain JSON (for sidecars and provenance): {column: [value per block]}, NaN as None."""
-    return {"n_layers": scores.attrs.get("n_layers"),
-            **{c: [None if v != v else round(float(v), 6) for v in scores[c]] for c in scores.columns}}
 
 
 # ---- which blocks ----------------------------------------------------------------------------
@@ -116,7 +49,7 @@ def select_layers(parent: GPT, n_layers: int, layers=None, strategy: str = "firs
         return layers, None
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: choose one of {', '.join(STRATEGIES)} (or give layers=[...])")
-    _check_n_layers(n_layers, total)
+    check_n_layers(n_layers, total)
     if strategy == "first":
         return list(range(n_layers)), None
     if strategy == "first+last":
@@ -135,11 +68,6 @@ def select_layers(parent: GPT, n_layers: int, layers=None, strategy: str = "firs
     return [i for i in range(total) if not start <= i < start + k], scores
 
 
-def _check_n_layers(n_layers, total: int) -> None:
-    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= total:
-        raise ValueError(f"n_layers={n_layers!r} is out of range: choose 1..{total} for this {total}-layer parent")
-
-
 # ---- the child -------------------------------------------------------------------------------
 def inherit(parent: GPT, n_layers: int, layers: list[int] | None = None, strategy: str = "first",
             copy: str = "all", tokens: torch.Tensor | None = None) -> GPT:
@@ -149,7 +77,6 @@ def inherit(parent: GPT, n_layers: int, layers: list[int] | None = None, strateg
     if copy not in COPY_MODES:
         raise ValueError(f"copy={copy!r}: choose one of {', '.join(COPY_MODES)}")
     if not isinstance(parent, GPT):  # a transformers model through the generic path
-        from helpers.generic import inherit_generic
         if strategy in SCORE_OF or copy != "all":
             raise ValueError(f"strategy={strategy!r}, copy={copy!r}: a generic ({parent.config.family}) parent "
                              "takes strategy first or first+last, or explicit layers, with copy='all'")
@@ -181,12 +108,41 @@ def inherit(parent: GPT, n_layers: int, layers: list[int] | None = None, strateg
     return child
 
 
+def inherit_generic(parent: HFCausalLM, n_layers: int, layers: list[int] | None = None) -> HFCausalLM:
+    """A child of a wrapped transformers parent (helpers.generic) holding blocks `layers` (default 0..n_layers-1):
+    its own copies of every tensor; config and per-layer settings renumbered."""
+    total = parent.hf.config.num_hidden_layers
+    layers, _ = select_layers(parent, n_layers, layers)
+    holder, name, blocks = find_blocks(parent.hf, "inherit")
+    setattr(holder, name, nn.ModuleList())  # copy everything but the blocks...
+    try:
+        child_hf = deepcopy(parent.hf)
+    finally:
+        setattr(holder, name, blocks)
+    memo = {id(parent.hf.config): child_hf.config}  # ...then the chosen blocks, sharing the child's config
+    chosen = nn.ModuleList(deepcopy(blocks[i], memo) for i in layers)
+    child_holder = child_hf.get_submodule(next(n for n, m in parent.hf.named_modules() if m is holder))
+    setattr(child_holder, name, chosen)
+    cfg = child_hf.config
+    for key, value in list(vars(cfg).items()):  # per-layer lists: layer_types (sliding/full), ...
+        if isinstance(value, list) and len(value) == total and key != "architectures":
+            setattr(cfg, key, [value[i] for i in layers])
+    cfg.num_hidden_layers = len(layers)
+    for j, block in enumerate(chosen):  # caches index layers by layer_idx
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = j
+    child = HFCausalLM(child_hf)
+    child.provenance = {**parent.provenance, "inherited_from": parent.provenance.get("source", "model"),
+                        "parent_n_layer": total, "layers": layers}
+    return child
+
+
 def compare_strategies(parent: GPT, n_layers: int, scores: pd.DataFrame | None = None, data_dir=None,
                        block_size: int = 256, max_tokens: int | None = None, strategies=STRATEGIES) -> pd.DataFrame:
     """One row per strategy: the kept blocks and, given data_dir, the untrained child's loss over
     the val split (its first max_tokens tokens when given). Strategies that need scores are left
     out when `scores` is None."""
-    from helpers.evaluate import val_loss_full
     rows = []
     for strategy in strategies:
         if strategy in SCORE_OF and scores is None:
@@ -223,6 +179,36 @@ def truncated_forward(parent: GPT, idx: torch.Tensor, layers: list[int]) -> torc
 def calibration_tokens(data_dir, n_sequences: int = 8, block_size: int = 256, seed: int = 1337) -> torch.Tensor:
     """(n_sequences, block_size) token ids drawn from the **train** split (never val: the scores
     choose the model that val then judges), the same for the same seed."""
-    from helpers.data import get_batch, open_split
     g = torch.Generator().manual_seed(seed * 7919 + 11)
     return get_batch(open_split(data_dir, "train"), block_size, n_sequences, g, "cpu")[0]
+
+
+# ---- notebook 02's choices -----------------------------------------------------------------------
+def child_depth(parent, n_layers: int | None = None, layers: list[int] | None = None) -> int:
+    """Blocks the child keeps: n_layers when given, else the length of an explicit `layers` list,
+    else half of the parent's (at least one)."""
+    if n_layers:
+        return n_layers
+    return len(layers) if layers else max(1, parent.config.n_layer // 2)
+
+
+def chosen_layers(parent: GPT, n_layers: int, layers=None, strategy: str = "first",
+                  scores: pd.DataFrame | None = None) -> tuple[str, list[int]]:
+    """(the choice's name, the kept blocks): an explicit `layers` list is named "layers",
+    otherwise the strategy's own name with the blocks it keeps (select_layers)."""
+    kept, _ = select_layers(parent, n_layers, layers, strategy, scores=scores)
+    return ("layers" if layers is not None else strategy), kept
+
+
+def kept_by_strategy(chosen: str, layers: list[int], strategies: pd.DataFrame) -> dict[str, list[int]]:
+    """{name: kept blocks} for the scores figure: the child's own choice first (so the figure fills
+    its markers), then every other strategy of compare_strategies' table, in the table's order."""
+    return {chosen: list(layers), **{s: list(kept) for s, kept in strategies["layers"].items() if s != chosen}}
+
+
+@torch.no_grad()
+def truncation_error(parent: GPT, child: GPT, ids: torch.Tensor) -> float:
+    """max |child logits - parent logits through the child's kept blocks| on (1, T) ids: zero up to
+    rounding for a child inherited with copy="all" (the check of notebook 02)."""
+    ids = ids[:, : child.config.block_size]
+    return (child(ids)[0] - truncated_forward(parent, ids, child.provenance["layers"])).abs().max().item()

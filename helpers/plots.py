@@ -1,13 +1,15 @@
 """Figures read from the runs' own records (metrics.jsonl, eval.csv, attention tables), never from
-printed logs. Each function draws on a new figure, returns it, and saves a PNG when asked."""
+printed logs. Each function draws on a new figure, returns it, and saves a PNG when asked.
+Floor "figures": reads run files (helpers.records); it imports neither the trainer nor a model."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
-from helpers.train import read_metrics
+from helpers.records import read_metrics
 
 
 def _save(fig, path):
@@ -50,6 +52,16 @@ def plot_loss_curves(runs: dict, reference: dict | None = None, title: str = "Lo
     return _save(fig, path)
 
 
+def read_eval(eval_dir) -> tuple[pd.DataFrame | None, dict]:
+    """Notebook 04's eval.csv (None when eval_dir is None) and the reference lines it gives the
+    loss curves: {"parent val loss": value} when a model named parent was evaluated."""
+    if eval_dir is None:
+        return None, {}
+    results = pd.read_csv(Path(eval_dir) / "eval.csv")
+    parent = results.loc[results["model"] == "parent", "val_loss"]
+    return results, ({"parent val loss": float(parent.iloc[0])} if len(parent) else {})
+
+
 def plot_loss_vs_params(results: pd.DataFrame, path=None):
     """Final val loss against parameter count, one labelled point per model (from eval.csv)."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -76,6 +88,37 @@ def plot_attention_rank(table: pd.DataFrame, title: str, path=None):
     ax.set_yticks(range(grid.shape[0]), [f"{l}{' (lazy)' if l in lazy else ''}" for l in grid.index], fontsize=7)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="rank for 90% energy / T")
+    return _save(fig, path)
+
+
+def plot_attention_tables(eval_dir, images_dir) -> list[Path]:
+    """One heatmap per attention table notebook 04 wrote (attention_<model>.csv; not the summary),
+    each saved as <images_dir>/attention_<model>.png; returns the PNG paths."""
+    paths = []
+    for csv in sorted(Path(eval_dir).glob("attention_*.csv")):
+        if csv.stem == "attention_summary":
+            continue
+        path = Path(images_dir) / f"{csv.stem}.png"
+        plot_attention_rank(pd.read_csv(csv), csv.stem.removeprefix("attention_").replace("_", " "), path=path)
+        paths.append(path)
+    return paths
+
+
+def plot_document_lengths(lengths, split: str = "train", path=None):
+    """Histogram of tokens per document (helpers.data.document_lengths) on log-spaced bins, titled
+    with the count and the median. One document (a corpus split by position) is one bar."""
+    lengths = np.asarray(lengths)
+    fig, ax = plt.subplots(figsize=(7, 3))
+    if lengths.size:
+        # the top edge above the longest: logspace's rounding could leave it outside every bin
+        ax.hist(lengths, bins=np.geomspace(1, 1.05 * max(int(lengths.max()), 10), 40))
+        title = f"{lengths.size:,} {split} document{'s' if lengths.size != 1 else ''} (median {int(np.median(lengths)):,} tokens)"
+    else:
+        title = f"no {split} documents"
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens per document")
+    ax.set_ylabel("documents")
+    ax.set_title(title)
     return _save(fig, path)
 
 

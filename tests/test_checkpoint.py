@@ -150,10 +150,10 @@ def test_export_without_a_findable_tokenizer_writes_the_weights_and_says_why(hf_
 
 
 def test_tiktoken_name_of_gpt2_gives_the_gpt2_tokenizer():
-    from helpers.export import hf_tokenizer
+    from helpers.tokenizer import hf_tokenizer
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=50257, block_size=16))
     model.provenance = {"tokenizer": "r50k_base"}  # what data prepared with tokenizer="r50k_base" records
-    assert hf_tokenizer(model).encode("hello world") == [31373, 995]
+    assert hf_tokenizer(model.provenance.get("tokenizer")).encode("hello world") == [31373, 995]
 
 
 # ---- every way to get it wrong: one CheckpointError naming the file ---------------------------
@@ -288,7 +288,7 @@ def test_a_native_family_variant_our_model_lacks_loads_generically(tmp_path, var
 
 
 def test_config_from_hf_names_the_rope_type_given_as_type(tmp_path):
-    from helpers.hf_format import config_from_hf
+    from helpers.formats.hf import config_from_hf
     from conftest import LLAMA_KW
     hf = {"model_type": "llama", **LLAMA_KW, "rope_scaling": {"type": "linear", "factor": 2.0}}
     with pytest.raises(CheckpointError, match="x: RoPE scaling 'linear' is not implemented natively"):
@@ -297,7 +297,7 @@ def test_config_from_hf_names_the_rope_type_given_as_type(tmp_path):
 
 def test_a_child_of_a_relative_parent_path_finds_its_tokenizer_from_another_folder(hf_gpt2, tmp_path, monkeypatch):
     """Provenance holds absolute paths: notebooks run in the run folder, not where the path was typed."""
-    from helpers.sources import resolve_tokenizer_source
+    from helpers.formats.sources import resolve_tokenizer_source
     _, path = hf_gpt2
     shutil.copytree(path, tmp_path / "parent")
     (tmp_path / "parent" / "tokenizer.json").write_text("{}")  # only its place matters here

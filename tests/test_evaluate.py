@@ -79,10 +79,10 @@ def test_whole_split_val_loss_keeps_no_logits(model, monkeypatch):
     import numpy as np
     import torch.nn.functional as F
 
-    from helpers import evaluate
+    from helpers import measures
     from helpers.data import iter_sequential
     data = np.random.default_rng(0).integers(0, 1000, 203).astype(np.uint16)
-    monkeypatch.setattr(evaluate, "open_split", lambda data_dir, split: data)
+    monkeypatch.setattr(measures, "open_split", lambda data_dir, split: data)
     total, count = 0.0, 0
     with torch.no_grad():
         for x, y in iter_sequential(data, 16, 4):
@@ -92,7 +92,7 @@ def test_whole_split_val_loss_keeps_no_logits(model, monkeypatch):
     def no_logits(*_):
         raise AssertionError("the (tokens, vocab) logits were computed")
     model.lm_head.register_forward_hook(no_logits)
-    res = evaluate.val_loss_full(model, "unused", block_size=16, batch_size=4)
+    res = measures.val_loss_full(model, "unused", block_size=16, batch_size=4)
     assert res["val_tokens"] == count == 202 and res["val_loss"] == pytest.approx(total / count, rel=1e-5)
     assert model._workspace.buf.numel() <= 2 ** 26  # one chunk of logits, never the whole split's
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_hf_llama, tokens
-from helpers import families
+from helpers.formats import families
 from helpers.checkpoint import (CheckpointError, embedded_path, load_model, permute_rope_rows, read_sidecar,
                                 save_checkpoint, unpermute_rope_rows)
 

@@ -1,6 +1,7 @@
 """Hugging Face folders: config.json <-> GPTConfig, weights <-> our state dict (through the
-tables in helpers.families), safetensors or pytorch_model.bin, sharded or not. A folder of another
-family, or of a native family's variant our model lacks (`native_gap`), goes to helpers.generic."""
+tables in helpers.formats.families), safetensors or pytorch_model.bin, sharded or not. A folder of another
+family, or of a native family's variant our model lacks (`native_gap`), goes to helpers.generic.
+Floor "formats": uses families, the models (ours and helpers.generic) and the errors."""
 from __future__ import annotations
 
 import json
@@ -8,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from helpers import families
+from helpers.formats import families
 from helpers.errors import CheckpointError
-from helpers.families import GPT2_CONV1D, HF, assign_state
+from helpers.formats.families import GPT2_CONV1D, HF, assign_state
+from helpers.generic import HFCausalLM, check_decoder, config_from_dict
 from helpers.model import GPT, GPTConfig, llama_config
 
 LAYER_PREFIX = "model.layers.{}."
@@ -188,7 +190,6 @@ def load_hf_folder(path: Path) -> GPT:
     hf = read_config(path)
     gap = native_gap(hf)
     if hf.get("model_type") not in NATIVE or gap:  # any other decoder of transformers, or a variant
-        from helpers.generic import load_generic_folder
         model = load_generic_folder(path, hf)
         if gap:
             model.provenance["note"] = f"{gap}; loaded through the generic path (transformers' own class)"
@@ -198,4 +199,25 @@ def load_hf_folder(path: Path) -> GPT:
     assign_state(model, state_from_hf(read_weights(path), cfg, path), path)
     tok = "gpt2" if cfg.family == "gpt2" and not (path / "tokenizer.json").is_file() else str(path)
     model.provenance = {"source": str(path), "format": "huggingface", "tokenizer": tok}
+    return model
+
+
+def load_generic_folder(path: Path, hf: dict) -> HFCausalLM:
+    """A Hugging Face folder of a non-native family, through AutoModelForCausalLM (which also knows
+    each family's renamed weights); any weight missing, unexpected or of the wrong shape is refused."""
+    import transformers
+    where = path / "config.json"
+    check_decoder(config_from_dict(hf, where), where)
+    try:
+        hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                           output_loading_info=True)
+    except Exception as e:  # truncated shards, foreign files: transformers' message, on one line
+        raise CheckpointError(f"{path}: transformers cannot load it ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:150]}); check the folder or download it again") from None
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise CheckpointError(f"{path}: weights do not match config.json: "
+                              + "; ".join(f"{k.replace('_keys', '')} {sorted(map(str, v))[:3]}" for k, v in bad.items()))
+    model = HFCausalLM(hf_model.eval())
+    model.provenance = {"source": str(path), "format": "huggingface", "tokenizer": str(path), "generic": True}
     return model

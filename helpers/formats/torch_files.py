@@ -1,5 +1,6 @@
 """torch.save checkpoints: this project's own (weights, config, provenance, training state and a
-JSON sidecar), nanoGPT's `ckpt.pt` and the Kaggle student project's `model_state_dict` files."""
+JSON sidecar), nanoGPT's `ckpt.pt` and the Kaggle student project's `model_state_dict` files.
+Floor "formats": uses families, the models, files and the errors."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,9 @@ from pathlib import Path
 import torch
 
 from helpers.errors import CheckpointError
-from helpers.families import assign_state
+from helpers.formats.families import assign_state
 from helpers.files import atomic_write, jsonable
+from helpers.generic import HFCausalLM, build, config_from_dict
 from helpers.model import GPT, GPTConfig
 
 FORMAT = "inheritune-helpers"
@@ -72,7 +74,6 @@ def load_torch_checkpoint(path: Path) -> GPT:
         if ck.get("version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{path}: written by a newer version ({ck['version']}); upgrade helpers")
         if ck.get("model_config", {}).get("generic"):  # a transformers model (helpers.generic)
-            from helpers.generic import load_generic_checkpoint
             return load_generic_checkpoint(ck["model_config"], ck["model"], dict(ck.get("provenance", {})), path)
         cfg = config_of(ck.get("model_config"), path)
         sd, provenance = ck["model"], dict(ck.get("provenance", {}))
@@ -91,6 +92,14 @@ def load_torch_checkpoint(path: Path) -> GPT:
     model = GPT(cfg)
     assign_state(model, sd, path)
     model.provenance = {**provenance, "source": provenance.get("source", str(path))}
+    return model
+
+
+def load_generic_checkpoint(model_config: dict, sd: dict, provenance: dict, where) -> HFCausalLM:
+    """One of our checkpoints of a generic model: its transformers config and state dict."""
+    model = HFCausalLM(build(config_from_dict(model_config["hf_config"], where), where))
+    assign_state(model, sd, where)
+    model.provenance = provenance
     return model
 
 

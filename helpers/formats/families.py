@@ -3,6 +3,7 @@ export: our name -> the names it is made of in each format (row blocks concatena
 
 Our modules keep nanoGPT's names (`transformer.h.{i}.attn.c_attn`, ...): q, k and v live in one
 matrix `c_attn`, gate and up in one `mlp.c_fc`.
+Floor "formats": uses the errors only.
 """
 from __future__ import annotations
 

@@ -1,14 +1,15 @@
 """GGUF files (llama.cpp's format): metadata -> GPTConfig, tensors dequantized to float32 and
-named through the tables in helpers.families."""
+named through the tables in helpers.formats.families.
+Floor "formats": uses families, the models and the errors."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from helpers import families
+from helpers.formats import families
 from helpers.errors import CheckpointError
-from helpers.families import GGUF, assign_state
+from helpers.formats.families import GGUF, assign_state
 from helpers.model import GPT, llama_config
 
 GGUF_ARCHES = ("llama", "qwen2", "qwen3")  # llama.cpp writes Mistral as llama
