@@ -7,11 +7,12 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
-def run_notebook(name, out_dir, **params):
+def run_notebook(name, where, **params):
+    """Execute a notebook in the folder `where` (its relative paths start there); the executed copy."""
     import papermill
-    out = Path(out_dir) / f"executed_{name}"
+    out = Path(where) / f"executed_{name}"
     papermill.execute_notebook(str(NOTEBOOKS / name), str(out), parameters=params, progress_bar=False,
-                               cwd=str(out_dir))
+                               cwd=str(where))
     nb = json.loads(out.read_text())
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
@@ -89,3 +90,107 @@ def test_02_scores_strategies_and_figure(gpt2_vocab_parent, tmp_path):
     side = read_sidecar(tmp_path / "child.pt")["provenance"]
     assert side["selection"]["strategy"] == "angular" and side["selection"]["scores"] == scores
     assert str(side["layers"]) == table.loc["angular", "layers"]
+
+
+# ---- every notebook on a one-file corpus and on the embedded one (issue 18) -----------------------
+def outputs(nb, kind=None):
+    return [o for c in nb["cells"] for o in c.get("outputs", []) if kind is None or o.get("output_type") == kind]
+
+
+def printed(nb, stream="stdout"):
+    return "".join("".join(o["text"]) for o in outputs(nb, "stream") if o.get("name") == stream)
+
+
+def has_figure(nb):
+    return any("image/png" in o.get("data", {}) for o in outputs(nb))
+
+
+@pytest.fixture(scope="module", params=["input.txt", "stdlib"])
+def chain(request, train_inputs, tmp_path_factory):
+    """01 -> 05 under papermill with a tiny parent: on one text file as the whole corpus (the classic
+    input.txt, split by position: no end-of-text in its train split) and on the embedded corpus."""
+    import argparse
+    base = tmp_path_factory.mktemp("chain")
+    source = request.param
+    if source == "input.txt":
+        (base / "input.txt").write_text(Path(argparse.__file__).read_text()[:40_000])
+    parent = str(train_inputs / "parent.pt")
+    nbs = {"01": run_notebook("01_data.ipynb", base, source=source, out_dir="data", max_docs=20, val_fraction=0.2)}
+    nbs["02"] = run_notebook("02_inherit.ipynb", base, parent=parent, n_layers=2, strategy="block-influence", data_dir="data",
+                             calib_batches=2, calib_block_size=32, val_tokens=256, out="child_init.pt", images_dir="images",
+                             max_new_tokens=4)
+    nbs["03"] = run_notebook("03_train.ipynb", base, parent=parent, n_layers=2, data_dir="data", out_dir="child",
+                             max_iters=4, batch_size=2, block_size=32, eval_interval=2, eval_iters=1, log_interval=1,
+                             warmup_iters=1, device="cpu", strategy="block-influence", calib_batches=2)
+    nbs["04"] = run_notebook("04_eval.ipynb", base, models=json.dumps({"parent": parent, "child": "child"}), data_dir="data",
+                             out_dir="eval", block_size=32, attention_tokens=16, max_new_tokens=4, prompts=["def f():"])
+    nbs["05"] = run_notebook("05_plots.ipynb", base, runs=json.dumps({"child": "child"}), eval_dir="eval", images_dir="images",
+                             untrained=json.dumps({"child, untrained": 9.5}))
+    return source, base, nbs
+
+
+def test_01_runs_on_one_text_file(tmp_path):
+    """The classic input.txt as the whole corpus: split by position, so the train split holds no
+    end-of-text; the document-length histogram shows its one document (it used to crash)."""
+    (tmp_path / "input.txt").write_text("".join(f"line {i}: some text to learn from\n" for i in range(2000)))
+    nb = run_notebook("01_data.ipynb", tmp_path, source="input.txt", out_dir="data")
+    assert has_figure(nb) and "split by position" in printed(nb)
+    # the tokenizer's progress bar is a widget (ipywidgets is installed with the project), not a warning
+    assert "IProgress not found" not in printed(nb, "stderr")
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs(nb))
+
+
+def test_the_pipeline_streams_a_notebooks_output_as_it_runs(tmp_path, capfd, monkeypatch):
+    """helpers.pipeline's run_notebook passes the cells' stdout and stderr through to the terminal
+    (once each), and asks the kernel for text progress bars (helpers.records.progress_bar); the
+    executed notebook keeps the output too."""
+    import os
+    from helpers.pipeline import run_notebook as pipeline_notebook
+    from helpers.records import PROGRESS_ENV
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)
+    (tmp_path / "input.txt").write_text("".join(f"line {i}: some text to learn from\n" for i in range(2000)))
+    out = pipeline_notebook("01_data.ipynb", tmp_path, {"source": "input.txt", "out_dir": "data"})
+    terminal = capfd.readouterr()
+    assert terminal.out.count("source 'input.txt' -> data") == 1 and "split by position" in terminal.out
+    assert "documents:" in terminal.err  # the tokenizer's progress, as text on the terminal
+    assert "source 'input.txt' -> data" in printed(json.loads(out.read_text()))
+    assert PROGRESS_ENV not in os.environ  # set for the kernel only
+
+
+@pytest.mark.slow
+def test_01_shows_the_split_and_the_document_lengths(chain):
+    source, base, nbs = chain
+    meta = json.loads((base / "data" / "meta.json").read_text())
+    assert has_figure(nbs["01"])
+    assert (meta["split"]["method"] == "position") == (source == "input.txt")
+    assert ("split by position" in printed(nbs["01"])) == (source == "input.txt")
+
+
+@pytest.mark.slow
+def test_02_chooses_by_block_influence_on_either_corpus(chain):
+    from helpers.checkpoint import read_sidecar
+    _, base, nbs = chain
+    side = read_sidecar(base / "child_init.pt")["provenance"]
+    assert side["selection"]["strategy"] == "block-influence" and len(side["layers"]) == 2
+    assert has_figure(nbs["02"]) and (base / "images" / "layer_scores.png").is_file()
+    assert "max |child - truncated parent|" in printed(nbs["02"])
+
+
+@pytest.mark.slow
+def test_03_trains_and_shows_a_widget_bar_not_a_warning(chain):
+    _, base, nbs = chain
+    rows = [json.loads(line) for line in (base / "child" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4] and has_figure(nbs["03"])
+    assert "IProgress not found" not in printed(nbs["03"], "stderr")
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs(nbs["03"]))
+
+
+@pytest.mark.slow
+def test_04_and_05_evaluate_and_plot(chain):
+    import pandas as pd
+    _, base, nbs = chain
+    table = pd.read_csv(base / "eval" / "eval.csv").set_index("model")
+    assert table.loc["child", "tokens_seen"] == 4 * 2 * 32 and pd.isna(table.loc["parent", "tokens_seen"])
+    assert set(pd.read_csv(base / "eval" / "attention_summary.csv")["model"]) == {"parent", "child"}
+    assert {"loss_curves.png", "val_loss_vs_params.png", "attention_child.png"} <= {p.name for p in (base / "images").glob("*.png")}
+    assert has_figure(nbs["04"]) and has_figure(nbs["05"])
