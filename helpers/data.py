@@ -40,7 +40,8 @@ import torch
 
 from helpers.files import atomic_write, unwritable_reason
 from helpers.errors import DataError
-from helpers.tokenizer import copy_encoding, end_of_text, get_encoding
+from helpers.records import progress_bar
+from helpers.tokenizer import TokenizersEncoding, copy_encoding, document_framing, get_encoding
 
 META_VERSION = 1
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
@@ -292,9 +293,9 @@ def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", tokeniz
         raise DataError(f"{out}: output folder is not writable ({reason}); pick another out_dir")
 
     enc = get_encoding(None if tokenizer == "gpt2" else tokenizer)
-    eot = end_of_text(enc)
+    framing = document_framing(enc)  # BOS before each document (Llama 2, Gemma) or end-of-text after it
     dtype = np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32
-    eot_array = np.array([eot], dtype=np.uint32)
+    before, after = (np.array([framing.token] if framing.kind == k else [], dtype=np.uint32) for k in ("bos", "eot"))
     stats = Stats()
     docs = iter_documents(source, stats, text_field, strict, cache_dir)
     splits = {s: {"documents": 0, "tokens": 0, "characters": 0} for s in ("train", "val")}
@@ -317,15 +318,18 @@ def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", tokeniz
         with ThreadPoolExecutor(threads, initializer=start_worker) as pool:
             def encode(batch):  # runs on a worker thread; tiktoken releases the GIL while encoding
                 parts = {"train": [], "val": []}
-                sizes = []  # per document, in order: (split, tokens incl. end-of-text, characters, replaced)
+                sizes = []  # per document, in order: (split, tokens incl. BOS or end-of-text, characters, replaced)
+                texts, replaced = [], []
                 for name, text in batch:
                     bad = 0
                     if isinstance(text, TextFile):
                         with open(text.path, "rb") as fh:
                             text, bad = decode_counting(fh.read())
-                    ids = encode_ids(local.enc, text)
+                    texts.append(text)
+                    replaced.append(bad)
+                for (name, _), text, bad, ids in zip(batch, texts, replaced, encode_many(local.enc, texts)):
                     split = "val" if is_val(name, seed, val_fraction) else "train"
-                    parts[split] += (ids, eot_array)
+                    parts[split] += (before, ids, after)
                     sizes.append((split, ids.size + 1, len(text), bad))
                 # one array per split and batch: the main thread writes and hashes twice per batch
                 return {k: np.concatenate(v, dtype=dtype, casting="unsafe") for k, v in parts.items() if v}, sizes
@@ -391,7 +395,7 @@ def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", tokeniz
                 p.unlink(missing_ok=True)
             raise
     meta = dict(version=META_VERSION, params=params, source=str(source),
-                tokenizer=dict(spec=str(tokenizer), name=enc.name, n_vocab=enc.n_vocab, eot=eot),
+                tokenizer=dict(spec=str(tokenizer), name=enc.name, n_vocab=enc.n_vocab, **framing.meta()),
                 dtype=np.dtype(dtype).name, splits=splits, split=split,
                 sha256={s: hashes[s].hexdigest() for s in splits},
                 skipped=dict(count=stats.skipped_count, examples=stats.skipped),
@@ -437,9 +441,16 @@ def encode_ids(enc, text: str) -> np.ndarray:
     return ids[ids < limit] if limit is not None and ids.size and ids.max() >= limit else ids
 
 
+def encode_many(enc, texts: list[str]) -> list[np.ndarray]:
+    """encode_ids of each text. A `tokenizers` tokenizer gets them in one call, which it spreads
+    over every core; tiktoken and SentencePiece encode one text at a time on our threads."""
+    if isinstance(enc, TokenizersEncoding):
+        return enc.encode_to_numpy_batch(texts)
+    return [encode_ids(enc, text) for text in texts]
+
+
 def _progress(enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(desc="documents", unit=" docs", disable=not enabled, mininterval=1.0, file=sys.stderr)
+    return progress_bar(desc="documents", unit=" docs", disable=not enabled, mininterval=1.0, file=sys.stderr)
 
 
 def _outputs_intact(out: Path, meta: dict) -> bool:
@@ -513,3 +524,35 @@ def iter_sequential(data: np.ndarray, block_size: int, batch_size: int, device="
         if device.type == "cuda":
             x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         yield x, y
+
+
+# ---- what a prepared folder holds (notebook 01) -------------------------------------------------
+def split_summary(meta: dict) -> "pd.DataFrame":
+    """meta.json's counts as a table, one row per split: documents, tokens, characters and
+    characters per token (empty where a split has no characters of its own: after a split by
+    position, val is the end of the train split's last document)."""
+    import pandas as pd
+    table = pd.DataFrame(meta["splits"]).T
+    chars = table["characters"].astype(float)
+    table["chars_per_token"] = (chars.where(chars > 0) / table["tokens"]).round(2)
+    return table
+
+
+def document_lengths(data_dir, split: str = "train", max_tokens: int | None = 50_000_000) -> np.ndarray:
+    """Tokens per document (its end-of-text included) in the first max_tokens tokens of a split,
+    read back from the end-of-text separators. Tokens after the last separator count as one more
+    document: one cut short by max_tokens, or the only one of a corpus split by position (one text
+    file such as input.txt), whose train split holds no separator at all. Where meta.json's framing
+    is "bos", documents run from one BOS to the next instead (tokens before the first: one more)."""
+    tok = read_meta(data_dir)["tokenizer"]
+    data = open_split(data_dir, split)
+    head = np.asarray(data[:max_tokens] if max_tokens is not None else data)
+    if tok.get("framing") == "bos":
+        starts = np.unique(np.concatenate([[0], np.flatnonzero(head == tok["bos"]), [head.size]]))
+        return np.diff(starts).astype(np.int64)
+    ends = np.flatnonzero(head == tok["eot"])
+    lengths = np.diff(np.concatenate([[-1], ends]))
+    last = ends[-1] if ends.size else -1
+    if head.size - 1 > last:
+        lengths = np.append(lengths, head.size - 1 - last)
+    return lengths.astype(np.int64)

@@ -117,14 +117,30 @@ def test_gguf_tokenizer_equals_transformers(trained_tokenizer, tmp_path):
         get_encoding(tmp_path / "cut.gguf")
 
 
-def test_unsupported_pre_tokenizer_is_named(trained_tokenizer, tmp_path):
+def test_a_byte_level_bpe_tiktoken_cannot_run_goes_to_tokenizers(trained_tokenizer, tmp_path):
+    """A pre-tokenizer with no tiktoken pattern (Whitespace) no longer stops data preparation: the
+    tokenizers library runs the file, with transformers' ids."""
     import json
-    from helpers.errors import CheckpointError
+    from helpers.tokenizer import TokenizersEncoding
     spec = json.loads(trained_tokenizer.read_text())
     spec["pre_tokenizer"] = {"type": "Whitespace"}
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(CheckpointError, match="pre-tokenizer"):
-        encoding_from_tokenizer_json(tmp_path / "tokenizer.json")
+    enc = encoding_from_tokenizer_json(tmp_path / "tokenizer.json")
+    assert isinstance(enc, TokenizersEncoding)
+    texts = corpus(40)
+    assert [enc.encode_ordinary(t) for t in texts] == hf_ids(tmp_path / "tokenizer.json", texts)
+    assert end_of_text(enc) == 0 and enc.n_vocab == 3000
+
+
+def test_an_nfkc_normalized_byte_level_bpe_goes_to_tokenizers(tmp_path):
+    """NFKC (ligatures, superscripts, fractions, full-width forms folded) has no tiktoken form here."""
+    from tokenizers import normalizers
+    from helpers.tokenizer import TokenizersEncoding
+    train_bpe(tmp_path, corpus(30), 1500, normalizer=normalizers.NFKC())
+    enc = get_encoding(tmp_path / "tokenizer.json")
+    assert isinstance(enc, TokenizersEncoding)
+    texts = corpus(30) + [DECOMPOSED, "ﬁle ２０２４ x² ½ Ⅻ ｶﾀｶﾅ"]
+    assert [enc.encode_ordinary(t) for t in texts] == hf_ids(tmp_path / "tokenizer.json", texts)
 
 
 def test_smollm2_tokenizer_equals_transformers_on_its_own_vocabulary():
