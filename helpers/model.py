@@ -4,7 +4,7 @@ Reading order: config, norms and rotary positions, attention, MLP, block, the mo
 Module names follow nanoGPT / Hugging Face GPT-2 (`transformer.h.0.attn.c_attn`, ...) so
 that GPT-2 and nanoGPT weights load by name. The Llama variant keeps those names: q, k and v
 are stored as one matrix in `c_attn`, gate and up as one in `mlp.c_fc` (computed as matmuls on
-their row blocks), and `helpers.families` holds the explicit key maps to and from Hugging Face and
+their row blocks), and `helpers.formats.families` holds the explicit key maps to and from Hugging Face and
 GGUF. Qwen2 adds biases to q, k and v; Qwen3 a per-head RMSNorm on q and k; Mistral a sliding window.
 """
 from __future__ import annotations
@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from helpers.errors import ConfigError
-from helpers.head_loss import Workspace, cross_entropy_sum, linear_cross_entropy
+from helpers.head_loss import Workspace, amp_dtype, cross_entropy_sum, head_dtype, linear_cross_entropy
 
 
 FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
@@ -92,12 +93,16 @@ def llama_config(**kw) -> GPTConfig:
     return GPTConfig(**{**base, **kw})
 
 
-def in_place_ok(x: torch.Tensor) -> bool:
+def in_place_ok(x: torch.Tensor, dtypes: tuple = (torch.float32,)) -> bool:
     """Whether the forward may take its fewer-pass, in-place paths for x: no autograd graph to keep,
-    float32 on the CPU. Together (RMSNorm, RoPE, SwiGLU) they made the SmolLM2 child's no-grad
-    forward ~7% faster on a 2-core CPU (BENCHMARKS.md); training and GPUs (which fuse such ops)
+    on the CPU, x in one of `dtypes` (RoPE and SwiGLU also take bfloat16, as under autocast; RMSNorm
+    only float32). Together (RMSNorm, RoPE, SwiGLU) they made the SmolLM2 child's no-grad forward
+    ~7% faster on a 2-core CPU in float32 (BENCHMARKS.md); training and GPUs (which fuse such ops)
     keep the plain ops."""
-    return not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+    return not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in dtypes
+
+
+BF16_TOO = (torch.float32, torch.bfloat16)
 
 
 class RMSNorm(nn.RMSNorm):
@@ -110,6 +115,14 @@ class RMSNorm(nn.RMSNorm):
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
         return (x * scale).mul_(self.weight)
+
+
+def to_amp(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t in autocast's dtype while autocast is on (else t): cast once, not by autocast at each matmul
+    that reads it (a norm's output read by q, k and v; a weight stored as one matrix and used as
+    row blocks, whose gradient then comes back as one cast of the whole, not one per block)."""
+    low = None if t is None else amp_dtype(t.device.type)
+    return t if low is None else t.to(low)
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
@@ -131,7 +144,8 @@ def rope_tables(cfg: GPTConfig, device=None) -> tuple[torch.Tensor, torch.Tensor
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: (B, nh, T, hd); cos/sin: (T, hd). Rotates the two halves of each head as one complex pair.
     half = x.shape[-1] // 2
-    if in_place_ok(x):  # the same sums without the rotated copy: 2x faster where no graph is kept
+    # where no graph is kept, the same sums without the rotated copy: 2x faster
+    if in_place_ok(x, BF16_TOO) and cos.dtype == x.dtype:
         out = x * cos
         out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
         out[..., half:].addcmul_(x[..., :half], sin[..., half:])
@@ -179,20 +193,15 @@ class CausalSelfAttention(nn.Module):
 
     def _split(self, t):
         q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        return t.split([q, kv, kv], dim=0)
-
-    def qkv_weights(self):
-        return self._split(self.c_attn.weight)
-
-    def qkv_biases(self):
-        return self._split(self.c_attn.bias) if self.c_attn.bias is not None else (None, None, None)
+        return t.split([q, kv, kv], dim=0) if t is not None else (None, None, None)
 
     def heads(self, x, rope=None, start: int = 0):
         """q (B, nh, T, hd), k and v (B, nkv, T, hd) of x (B, T, C) at positions start.., rotated."""
         B, T, _ = x.shape
         # q, k and v are stored as one matrix (one tensor to load and save) but computed as three
         # matmuls on its row blocks: contiguous outputs make RoPE and attention's backward ~5% faster.
-        q, k, v = (F.linear(x, w, b) for w, b in zip(self.qkv_weights(), self.qkv_biases()))
+        weights, biases = self._split(to_amp(self.c_attn.weight)), self._split(to_amp(self.c_attn.bias))
+        q, k, v = (F.linear(x, w, b) for w, b in zip(weights, biases))
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -233,12 +242,12 @@ class MLP(nn.Module):
         if self.swiglu:
             # gate and up are stored as one matrix but computed as two matmuls on its row blocks:
             # contiguous outputs, measured ~2% faster for the whole no-grad forward than one
-            # matmul and a split, and no slower in training
-            w, b = self.c_fc.weight, self.c_fc.bias
-            half = w.shape[0] // 2
-            gate = F.linear(x, w[:half], None if b is None else b[:half])
-            up = F.linear(x, w[half:], None if b is None else b[half:])
-            h = F.silu(gate, inplace=True).mul_(up) if in_place_ok(x) else F.silu(gate) * up
+            # matmul and a split, and no slower in training. split, not slicing: the gradients of
+            # the two halves are concatenated, not each written into a zero matrix of the whole
+            (w_gate, w_up), b = to_amp(self.c_fc.weight).chunk(2), to_amp(self.c_fc.bias)
+            b_gate, b_up = b.chunk(2) if b is not None else (None, None)
+            gate, up = F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up)
+            h = F.silu(gate, inplace=True).mul_(up) if in_place_ok(gate, BF16_TOO) else F.silu(gate) * up
         else:
             h = F.gelu(self.c_fc(x), approximate="tanh")
         return self.dropout(self.c_proj(h))
@@ -253,8 +262,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope=None, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), rope, cache, layer)
-        return x + self.mlp(self.ln_2(x))
+        # the residual stream x stays in the weights' dtype (float32 under autocast); the branches
+        # compute in autocast's dtype and are added back into it
+        x = x + self.attn(to_amp(self.ln_1(x)), rope, cache, layer)
+        return x + self.mlp(to_amp(self.ln_2(x)))
 
 
 class GPT(nn.Module):
@@ -299,7 +310,8 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.pos == "learned":
             return x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device)), None
-        return x, (self.rope_cos, self.rope_sin)
+        low = amp_dtype(idx.device.type)  # under autocast, q and k come in its dtype: so do the tables
+        return x, (self.rope_cos, self.rope_sin) if low is None else (self.rope_cos.to(low), self.rope_sin.to(low))
 
     def hidden(self, idx):
         """The final hidden states (B, T, C) of idx (B, T), after ln_f: what the head reads. The
@@ -307,19 +319,19 @@ class GPT(nn.Module):
         x, rope = self.embed(idx)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, None, i)
+            x = self._run_block(block, x, rope, None, i)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, last_only: bool = False, distill=None):
         """Returns (logits, loss). idx: (B, T) token ids; targets: (B, T) or None (-1 is ignored).
-        When training on the CPU in float32 the loss comes from the fused head
-        (`linear_cross_entropy`) and logits is None; evaluation always returns logits. With `distill`
+        When training on the CPU (float32, or bfloat16 under autocast) the loss comes from the fused
+        head (`linear_cross_entropy`) and logits is None; evaluation always returns logits. With `distill`
         (a helpers.head_loss.Distill) the loss is distillation's total and logits is None."""
         start = cache.pos if cache is not None else 0
         x, rope = self.embed(idx, start)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, cache, i)
+            x = self._run_block(block, x, rope, cache, i)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.pos += idx.size(1)
@@ -342,10 +354,19 @@ class GPT(nn.Module):
         return cross_entropy_sum(self.hidden(idx).flatten(0, 1), self.lm_head.weight, targets.flatten(), self._workspace)
 
     fused_loss = True  # set False on an instance to get logits and the plain loss while training
+    grad_checkpointing = False  # True (helpers.startup): blocks recomputed in the backward pass
+
+    def _run_block(self, block, x, rope, cache, i):
+        """One block; with grad_checkpointing, while a graph is kept, its activations are not stored
+        but recomputed in the backward pass (the RNG replayed: dropout draws the same masks)."""
+        if self.grad_checkpointing and cache is None and torch.is_grad_enabled():
+            return checkpoint(block, x, rope, None, i, use_reentrant=False)
+        return block(x, rope, cache, i)
 
     def _fused_loss(self, x: torch.Tensor) -> bool:
-        return (self.fused_loss and x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled() and x.requires_grad
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+        return (self.fused_loss and x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad
+                and head_dtype(x, self.lm_head.weight) in (torch.float32, torch.bfloat16)
+                and not torch.compiler.is_compiling())
 
     # ---- sizes and cost -------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
