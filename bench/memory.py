@@ -89,6 +89,21 @@ def most_layers() -> dict:
     return out
 
 
+# Activations kept for the backward pass, per sequence and layer, in 16-bit: about 34 x T x C bytes
+# with fused attention (Korthikanti et al.'s count without the attention matrix). With activation
+# checkpointing a block keeps only its input (2 x T x C bytes), and one block at a time is recomputed
+# with all of its activations.
+ACTIVATION_BYTES, CHECKPOINTED_BYTES = 34, 2
+
+
+def activations(cfg: GPTConfig, n_layers: int, tokens: int, grad_checkpointing: bool) -> float:
+    """Bytes of activations kept for one sequence of `tokens` tokens."""
+    per_layer = tokens * cfg.n_embd
+    if grad_checkpointing:
+        return CHECKPOINTED_BYTES * per_layer * n_layers + ACTIVATION_BYTES * per_layer
+    return ACTIVATION_BYTES * per_layer * n_layers
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="also write the table as JSON here")
@@ -105,9 +120,16 @@ def main():
     print("|---|" + "---:|" * len(cols))
     for name, fits in layers.items():
         print(f"| {name} ({PARENTS[name][0].n_layer}) | " + " | ".join(str(v) for v in fits.values()) + " |")
+    acts = {}
+    print("\n| child | activations per sequence of 2,048 tokens | with grad_checkpointing=true |")
+    print("|---|---:|---:|")
+    for name, (cfg, n, _) in PARENTS.items():
+        off, on = (activations(cfg, n, 2048, gc) / 1e9 for gc in (False, True))
+        acts[name] = {"off_gb": round(off, 2), "on_gb": round(on, 2)}
+        print(f"| {name}, first {n} of {cfg.n_layer} | {off:.2f} GB | {on:.2f} GB |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"children": rows, "most_layers": layers}, f, indent=1)
+            json.dump({"children": rows, "most_layers": layers, "activations_per_2048_tokens": acts}, f, indent=1)
 
 
 if __name__ == "__main__":
