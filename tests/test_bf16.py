@@ -224,12 +224,16 @@ def test_dtype_auto_is_float32_on_the_cpu_and_bf16_needs_native_support(monkeypa
 
 @pytest.mark.skipif(not NATIVE, reason="this CPU has no native bfloat16: dtype=bfloat16 is refused here")
 def test_bf16_run_killed_and_resumed_logs_the_same_losses(setup, tmp_path):  # noqa: F811
-    """The SIGKILL-and-resume run of test_train in bfloat16: the same losses, step for step, as the
-    run that never stopped; checkpoints hold float32 weights; the losses are bfloat16's, not float32's."""
+    """The SIGKILL-and-resume run of test_train in bfloat16: the losses, step for step, of the run
+    that never stopped; checkpoints hold float32 weights; the losses are bfloat16's, not float32's.
+    Not bit for bit: two processes' bfloat16 products (oneDNN, AMX) differed in the 7th digit even at
+    step 0, before any training (seen on a clean-clone run), so bit-identical bf16 resume is not
+    established; float32 resume is bit-identical (test_train)."""
     from helpers.checkpoint import load_model
     full, resumed = run_killed_and_resumed(setup, tmp_path, dtype="bfloat16")
-    assert losses(resumed) == losses(full)
-    assert [s for s, _, _ in losses(full)] == list(range(0, 41, 2))
+    assert [s for s, _, _ in losses(resumed)] == [s for s, _, _ in losses(full)] == list(range(0, 41, 2))
+    for a, b in zip(losses(resumed), losses(full)):
+        assert a[1:] == pytest.approx(b[1:], rel=1e-4)
     assert all(p.dtype == torch.float32 for p in load_model(full).parameters())
     assert run_cli(cli_args(setup, tmp_path / "fp32", dtype="float32")).wait() == 0
     bf16, fp32 = losses(full), losses(tmp_path / "fp32")
