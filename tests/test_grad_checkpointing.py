@@ -12,7 +12,8 @@ import torch
 from helpers.errors import ConfigError
 from helpers.model import GPT, GPTConfig, llama_config
 from helpers.startup import enable_grad_checkpointing
-from helpers.train import TrainConfig, read_metrics, torchrun_command, train
+from helpers.train import read_metrics, torchrun_command, train
+from tests.test_parallel import config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,13 +78,6 @@ def test_a_model_that_cannot_recompute_is_refused_by_name():
             enable_grad_checkpointing(model)
     finally:
         type(hf).supports_gradient_checkpointing = True
-
-
-def config(inputs, out, **kw):
-    values = dict(parent=str(inputs / "parent.pt"), n_layers=2, data_dir=str(inputs / "data"), out_dir=str(out),
-                  max_iters=4, batch_size=2, block_size=32, grad_accum=2, eval_interval=2, eval_iters=2,
-                  log_interval=1, warmup_iters=2, device="cpu", progress=False)
-    return TrainConfig.from_dict({**values, **kw})
 
 
 def test_a_training_run_logs_the_same_losses(train_inputs, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers.train import TrainConfig, read_metrics, train
+from tests.test_parallel import config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,13 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def inputs(train_inputs):
     return train_inputs
-
-
-def config(inputs, out, **kw):
-    values = dict(parent=str(inputs / "parent.pt"), n_layers=2, data_dir=str(inputs / "data"), out_dir=str(out),
-                  max_iters=4, batch_size=2, block_size=32, grad_accum=2, eval_interval=2, eval_iters=2,
-                  log_interval=1, warmup_iters=2, device="cpu", progress=False)
-    return TrainConfig.from_dict({**values, **kw})
 
 
 def free_port() -> int:

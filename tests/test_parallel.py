@@ -23,10 +23,11 @@ def inputs(train_inputs):
 
 
 def config(inputs, out, **kw):
+    """A 4-step run of the tiny parent's child with grad_accum=2 (what 2 processes split); kw override."""
     values = dict(parent=str(inputs / "parent.pt"), n_layers=2, data_dir=str(inputs / "data"), out_dir=str(out),
                   max_iters=4, batch_size=2, block_size=32, grad_accum=2, eval_interval=2, eval_iters=2,
-                  log_interval=1, warmup_iters=2, device="cpu", progress=False, **kw)
-    return TrainConfig.from_dict(values)
+                  log_interval=1, warmup_iters=2, device="cpu", progress=False)
+    return TrainConfig.from_dict({**values, **kw})
 
 
 def torchrun(cfg: TrainConfig, n: int = 2):
