@@ -10,7 +10,8 @@ The child gets its own copies of the token (and position) embeddings, the chosen
 norm and the output head (tied to the embedding or not, as in the parent). Nothing is shared with
 the parent, so training the child can never change it (the student project's child shared
 modules with its parent, and training it silently rewrote the parent). `copy="paper"` copies what
-the paper's own code copies (blocks, token embedding, head) and leaves the rest freshly initialised.
+the paper's own code copies (blocks and output head; GPT-2's head is its token embedding, a Llama's
+embedding is its own matrix and stays fresh there) and leaves the rest freshly initialised.
 Floor "inherit": uses the measures, the data and the models (native and generic parents alike).
 """
 from __future__ import annotations
@@ -72,8 +73,10 @@ def select_layers(parent: GPT, n_layers: int, layers=None, strategy: str = "firs
 def inherit(parent: GPT, n_layers: int, layers: list[int] | None = None, strategy: str = "first",
             copy: str = "all", tokens: torch.Tensor | None = None) -> GPT:
     """A new GPT holding the parent blocks chosen by `strategy` (or the explicit `layers`, in that
-    order). copy="all" copies every other tensor too; copy="paper" copies only the blocks, the
-    token embedding and the head, leaving the position table and final norm at fresh initialisation."""
+    order). copy="all" copies every other tensor too; copy="paper" copies only the blocks and the
+    output head, as the paper's code did (nanoGPT for GPT-2, lit-gpt for OpenLLaMA), leaving the
+    position table, the final norm and, where the head is not tied to it, the token embedding at fresh
+    initialisation."""
     if copy not in COPY_MODES:
         raise ValueError(f"copy={copy!r}: choose one of {', '.join(COPY_MODES)}")
     if not isinstance(parent, GPT):  # a transformers model through the generic path
@@ -86,7 +89,9 @@ def inherit(parent: GPT, n_layers: int, layers: list[int] | None = None, strateg
     layers, scores = select_layers(parent, n_layers, layers, strategy, tokens)
     child = GPT(dataclasses.replace(parent.config, n_layer=len(layers)))
     parent_sd = parent.state_dict()
-    fresh = ("transformer.wpe.", "transformer.ln_f.") if copy == "paper" else ()
+    fresh = ()
+    if copy == "paper":  # lit-gpt copied `h` and `lm_head` only; a tied head brings the embedding along
+        fresh = ("transformer.wpe.", "transformer.ln_f.") + (() if parent.config.tie_embeddings else ("transformer.wte.",))
     child_sd = child.state_dict()
     for key in child_sd:
         if key.startswith(fresh):
