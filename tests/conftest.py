@@ -4,6 +4,8 @@ Llama 2, Mistral and Gemma ship them."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -190,6 +192,27 @@ def train_inputs(tmp_path_factory):
     save_checkpoint(base / "parent.pt", parent)
     prepare("stdlib", base / "data", max_docs=40, val_fraction=0.2, progress=False)
     return base
+
+
+def run_cli(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "helpers.train", *args], cwd=Path(__file__).resolve().parent.parent, **kw)
+
+
+def cli_args(setup, out, **kw):
+    cfg = dict(parent=str(setup / "parent.pt"), n_layers=2, data_dir=str(setup / "data"), out_dir=str(out),
+               max_iters=40, batch_size=2, block_size=32, eval_interval=2, eval_iters=2, log_interval=1,
+               dropout=0.1, progress=False)
+    cfg.update(kw)
+    return [f"{k}={v}" for k, v in cfg.items()]
+
+
+@pytest.fixture(scope="session")
+def reference_run(train_inputs, tmp_path_factory):
+    """cli_args' 40-step command-line run in float32, uninterrupted: what every stopped and resumed
+    float32 run of those arguments must log (the SIGKILL, SIGTERM and bfloat16 tests share it)."""
+    out = tmp_path_factory.mktemp("reference") / "full"
+    assert run_cli(cli_args(train_inputs, out)).wait() == 0
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -105,15 +105,15 @@ def has_figure(nb):
     return any("image/png" in o.get("data", {}) for o in outputs(nb))
 
 
-@pytest.fixture(scope="module", params=["input.txt", "stdlib"])
-def chain(request, train_inputs, tmp_path_factory):
-    """01 -> 05 under papermill with a tiny parent: on one text file as the whole corpus (the classic
-    input.txt, split by position: no end-of-text in its train split) and on the embedded corpus."""
+@pytest.fixture(scope="module")
+def chain(train_inputs, tmp_path_factory):
+    """01 -> 05 under papermill with a tiny parent on one text file as the whole corpus (the classic
+    input.txt, split by position: no end-of-text in its train split). The embedded corpus goes
+    through every notebook in the pipeline tests (conftest's compare_run)."""
     import argparse
     base = tmp_path_factory.mktemp("chain")
-    source = request.param
-    if source == "input.txt":
-        (base / "input.txt").write_text(Path(argparse.__file__).read_text()[:40_000])
+    source = "input.txt"
+    (base / "input.txt").write_text(Path(argparse.__file__).read_text()[:40_000])
     parent = str(train_inputs / "parent.pt")
     nbs = {"01": run_notebook("01_data.ipynb", base, source=source, out_dir="data", max_docs=20, val_fraction=0.2)}
     nbs["02"] = run_notebook("02_inherit.ipynb", base, parent=parent, n_layers=2, strategy="block-influence", data_dir="data",
@@ -127,17 +127,6 @@ def chain(request, train_inputs, tmp_path_factory):
     nbs["05"] = run_notebook("05_plots.ipynb", base, runs=json.dumps({"child": "child"}), eval_dir="eval", images_dir="images",
                              untrained=json.dumps({"child, untrained": 9.5}))
     return source, base, nbs
-
-
-def test_01_runs_on_one_text_file(tmp_path):
-    """The classic input.txt as the whole corpus: split by position, so the train split holds no
-    end-of-text; the document-length histogram shows its one document (it used to crash)."""
-    (tmp_path / "input.txt").write_text("".join(f"line {i}: some text to learn from\n" for i in range(2000)))
-    nb = run_notebook("01_data.ipynb", tmp_path, source="input.txt", out_dir="data")
-    assert has_figure(nb) and "split by position" in printed(nb)
-    # the tokenizer's progress bar is a widget (ipywidgets is installed with the project), not a warning
-    assert "IProgress not found" not in printed(nb, "stderr")
-    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs(nb))
 
 
 def test_the_pipeline_streams_a_notebooks_output_as_it_runs(tmp_path, capfd, monkeypatch):
@@ -158,16 +147,20 @@ def test_the_pipeline_streams_a_notebooks_output_as_it_runs(tmp_path, capfd, mon
 
 
 @pytest.mark.slow
-def test_01_shows_the_split_and_the_document_lengths(chain):
+def test_01_runs_on_one_text_file(chain):
+    """The classic input.txt as the whole corpus: split by position, so the train split holds no
+    end-of-text; the document-length histogram shows its one document (it used to crash)."""
     source, base, nbs = chain
     meta = json.loads((base / "data" / "meta.json").read_text())
-    assert has_figure(nbs["01"])
-    assert (meta["split"]["method"] == "position") == (source == "input.txt")
-    assert ("split by position" in printed(nbs["01"])) == (source == "input.txt")
+    assert source == "input.txt" and meta["split"]["method"] == "position"
+    assert has_figure(nbs["01"]) and "split by position" in printed(nbs["01"])
+    # the tokenizer's progress bar is a widget (ipywidgets is installed with the project), not a warning
+    assert "IProgress not found" not in printed(nbs["01"], "stderr")
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs(nbs["01"]))
 
 
 @pytest.mark.slow
-def test_02_chooses_by_block_influence_on_either_corpus(chain):
+def test_02_chooses_by_block_influence(chain):
     from helpers.checkpoint import read_sidecar
     _, base, nbs = chain
     side = read_sidecar(base / "child_init.pt")["provenance"]

@@ -14,6 +14,7 @@ from helpers.checkpoint import load_model, read_sidecar, save_checkpoint
 from helpers.errors import ConfigError, DataError
 from helpers.model import GPT, GPTConfig
 from helpers.train import TrainConfig, coerce, lr_at, parse_cli, parse_student_log, read_metrics, train
+from conftest import cli_args, run_cli  # noqa: F401 (imported from here by other test modules)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,22 +125,13 @@ def _single_batch_equivalent(setup, out):
     return estimate_loss(model, splits, cfg, 3, "cpu", nullcontext())["val"]
 
 
-def run_cli(args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "helpers.train", *args], cwd=ROOT, **kw)
-
-
-def cli_args(setup, out, **kw):
-    cfg = dict(parent=str(setup / "parent.pt"), n_layers=2, data_dir=str(setup / "data"), out_dir=str(out),
-               max_iters=40, batch_size=2, block_size=32, eval_interval=2, eval_iters=2, log_interval=1,
-               dropout=0.1, progress=False)
-    cfg.update(kw)
-    return [f"{k}={v}" for k, v in cfg.items()]
-
-
-def run_killed_and_resumed(setup, root, **kw):
-    """The 40-step CLI run of cli_args twice under `root`: "full" uninterrupted, and "killed" with
-    SIGKILL once it has logged 6 of its 21 records, then resumed with init=resume."""
-    assert run_cli(cli_args(setup, root / "full", **kw)).wait() == 0
+def run_killed_and_resumed(setup, root, full=None, **kw):
+    """The 40-step CLI run of cli_args twice under `root`: "full" uninterrupted (or the given `full`
+    run of the same arguments), and "killed" with SIGKILL once it has logged 6 of its 21 records,
+    then resumed with init=resume."""
+    if full is None:
+        full = root / "full"
+        assert run_cli(cli_args(setup, full, **kw)).wait() == 0
     proc = run_cli(cli_args(setup, root / "killed", **kw))
     metrics = root / "killed" / "metrics.jsonl"
     deadline = time.time() + 60
@@ -149,13 +141,13 @@ def run_killed_and_resumed(setup, root, **kw):
     proc.wait()
     assert 6 <= len(metrics.read_text().splitlines()) < 21, "the kill must land mid-run"
     assert run_cli(cli_args(setup, root / "killed", init="resume", **kw)).wait() == 0
-    return root / "full", root / "killed"
+    return full, root / "killed"
 
 
-def test_sigkill_and_resume_logs_the_same_losses(setup, tmp_path):
+def test_sigkill_and_resume_logs_the_same_losses(setup, tmp_path, reference_run):
     """A run killed with SIGKILL mid-way and resumed logs the same losses, step for step (dropout on,
     so RNG restore matters), as a run that never stopped."""
-    full, resumed = (losses(d) for d in run_killed_and_resumed(setup, tmp_path))
+    full, resumed = (losses(d) for d in run_killed_and_resumed(setup, tmp_path, full=reference_run))
     assert [s for s, _, _ in resumed] == [s for s, _, _ in full] == list(range(0, 41, 2))
     assert resumed == full
 
