@@ -9,6 +9,9 @@ Per GPU, with AdamW and float32 master weights (autocast computes in bf16/fp16 b
   FSDP:     16 B/param / n_gpus, plus the units gathered whole while they compute: the root
             (embeddings, final norm, head) and two blocks (one computing, one prefetched), each
             with fp32 weights and gradients (8 B/param).
+  LoRA:     the frozen child's weights, 4 B/param (2 B/param for the blocks' projections with
+            base_dtype=bfloat16 or float16), no gradients or AdamW state for them, plus adapters of
+            rank 8 on every projection at 16 B/param (copy=all: nothing else trains).
 A child "fits" when this is at most 80% of the GPU's memory: the rest is for activations (they grow
 with batch_size x block_size; lower batch_size and raise grad_accum to fit), the CUDA context and
 the allocator. Shapes are those of the parents' published config.json files; counts come from
@@ -20,11 +23,13 @@ import json
 import torch
 
 from _common import SMOLLM2_SHAPE  # (also puts the repository on sys.path)
+from helpers.lora import adapter_params
 from helpers.model import GPT, GPTConfig, llama_config
 
 BYTES_PER_PARAM = 16
 DDP_BUCKETS = 4
 GATHERED = 8
+LORA_R = 8
 USABLE = 0.8
 
 PARENTS = {  # name: (config of the parent, layers the child keeps, why this child)
@@ -37,19 +42,27 @@ PARENTS = {  # name: (config of the parent, layers the child keeps, why this chi
                                   block_size=2048, tie_embeddings=False), 16, "half of a 7B parent"),
 }
 MACHINES = {"2 x T4": (2, 16), "P100": (1, 16), "A100-40GB": (1, 40), "2 x A100-40GB": (2, 40)}  # GPUs, GB each
+LORA_MACHINES = {"T4": 16}  # LoRA (lora_r=8) on one GPU: float32 base and 16-bit base
 
 
 def counts(cfg: GPTConfig, n_layers: int) -> dict:
-    """Parameters of the child, of one block and of the root (all but the blocks)."""
+    """Parameters of the child, of one block and of the root (all but the blocks); of one block's
+    projections (what base_dtype holds in 16 bits) and of its LoRA adapters of rank LORA_R."""
     import dataclasses
     with torch.device("meta"):
         child = GPT(dataclasses.replace(cfg, n_layer=n_layers))
     total = child.num_params()
     block = sum(p.numel() for p in child.transformer.h[0].parameters())
-    return {"params": total, "block": block, "root": total - n_layers * block}
+    norms = sum(p.numel() for m in (child.transformer.h[0].ln_1, child.transformer.h[0].ln_2) for p in m.parameters())
+    return {"params": total, "block": block, "root": total - n_layers * block, "n_layers": n_layers,
+            "block_projections": block - norms, "block_adapters": adapter_params(child, LORA_R) // n_layers}
 
 
 def bytes_per_gpu(c: dict, n_gpus: int, parallel: str) -> float:
+    if parallel.startswith("lora"):  # the frozen child, and adapters trained as any weight is
+        projections, adapters = c["n_layers"] * c["block_projections"], c["n_layers"] * c["block_adapters"]
+        base_bytes = 2 if "16-bit" in parallel else 4
+        return base_bytes * projections + 4 * (c["params"] - projections) + BYTES_PER_PARAM * adapters
     if n_gpus == 1:
         return BYTES_PER_PARAM * c["params"]
     if parallel == "ddp":
@@ -62,6 +75,9 @@ def setups():
     for machine, (gpus, gb) in MACHINES.items():
         for parallel in (("ddp", "fsdp") if gpus > 1 else ("one GPU",)):
             yield f"{machine} {parallel}", gpus, gb, parallel
+    for machine, gb in LORA_MACHINES.items():
+        for parallel in ("lora", "lora 16-bit base"):
+            yield f"{machine} {parallel}", 1, gb, parallel
 
 
 def table() -> dict:
@@ -82,7 +98,7 @@ def most_layers() -> dict:
     for name, (cfg, _, _) in PARENTS.items():
         out[name] = {}
         one = counts(cfg, 1)  # a child of n layers has root + n * block parameters
-        sizes = {n: {**one, "params": one["root"] + n * one["block"]} for n in range(1, cfg.n_layer + 1)}
+        sizes = {n: {**one, "params": one["root"] + n * one["block"], "n_layers": n} for n in range(1, cfg.n_layer + 1)}
         for column, gpus, gb, parallel in setups():
             fit = [n for n, c in sizes.items() if bytes_per_gpu(c, gpus, parallel) <= USABLE * gb * 1e9]
             out[name][column] = max(fit, default=0)

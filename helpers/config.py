@@ -2,7 +2,8 @@
 parameters, the command line's key=value pairs (`python -m helpers.train`) and the YAML keys of
 `--config`; `coerce` turns user text into each field's type, and nothing else parses it (the
 pipeline's settings too); `TrainConfig.to_args` and `to_text` write a config back as that text.
-Floor "training": uses the errors, helpers.inherit (the strategy names) and helpers.trackers (report_to's names).
+Floor "training": uses the errors, helpers.inherit (the strategy names), helpers.lora (the projections'
+names) and helpers.trackers (report_to's names).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from helpers.errors import ConfigError
 from helpers.inherit import COPY_MODES, STRATEGIES
+from helpers.lora import BASE_DTYPES, normalize_targets
 from helpers.trackers import REPORT_TO
 
 
@@ -74,6 +76,13 @@ class TrainConfig:
     teacher: str | None = None  # None (no distillation) | "parent" | any source load_model accepts
     kd_alpha: float = 0.6  # the soft term's weight (0.6: the paper's KD baseline); 0: the teacher is not even loaded
     kd_temperature: float = 1.0  # T, dividing both models' logits in the soft term
+    # LoRA healing (helpers.lora, through peft): the inherited weights frozen, low-rank adapters trained
+    lora_r: int = 0  # rank of the adapters; 0: no LoRA, every weight trains
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: list[str] | None = None  # q, k, v, o, gate, up, down (or q_proj ...); None: every projection the model has
+    lora_norms: bool = False  # True: the norms train too
+    base_dtype: str = "float32"  # the frozen projections held in float32 | bfloat16 | float16 (16-bit: dtype must be too)
 
     def __post_init__(self):
         self.auto_data = self.data_dir is None  # only then may training prepare the data itself
@@ -145,6 +154,21 @@ class TrainConfig:
             raise ConfigError(f"kd_alpha={self.kd_alpha} must lie in [0, 1] (the soft term's weight)")
         if not 0 < self.kd_temperature < math.inf:
             raise ConfigError(f"kd_temperature={self.kd_temperature} must be a positive number")
+        self.validate_lora()
+
+    def validate_lora(self):
+        normalize_targets(self.lora_targets)  # a name that is no projection is refused even without LoRA
+        if self.base_dtype not in BASE_DTYPES:
+            raise ConfigError(f"base_dtype={self.base_dtype!r}: choose one of {', '.join(BASE_DTYPES)}")
+        if self.lora_r < 0 or not 0 < self.lora_alpha < math.inf or not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_r={self.lora_r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}: "
+                              "need lora_r >= 0 (0: no LoRA), lora_alpha > 0 and lora_dropout in [0, 1)")
+        if self.lora_r and self.init == "scratch":
+            raise ConfigError(f"lora_r={self.lora_r} with init=scratch: a random model has nothing to heal; LoRA "
+                              "adapts an inherited child (init=inherit) or a checkpoint; drop lora_r or change init")
+        if self.lora_r and self.parallel == "fsdp":
+            raise ConfigError(f"lora_r={self.lora_r} with parallel=fsdp: LoRA trains with parallel=ddp (the frozen base "
+                              "has no gradients or AdamW state to shard; base_dtype=bfloat16 halves its weights)")
 
     @property
     def distilling(self) -> bool:

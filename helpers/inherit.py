@@ -12,7 +12,10 @@ the parent, so training the child can never change it (the student project's chi
 modules with its parent, and training it silently rewrote the parent). `copy="paper"` copies what
 the paper's own code copies (blocks and output head; GPT-2's head is its token embedding, a Llama's
 embedding is its own matrix and stays fresh there) and leaves the rest freshly initialised.
-Floor "inherit": uses the measures, the data and the models (native and generic parents alike).
+`inherit_from` makes the same child of a parent that is only opened (helpers.checkpoint.open_weights),
+reading the kept blocks and nothing else of it: what a training run does.
+Floor "inherit": uses the measures, the data, the checkpoint (an opened parent) and the models
+(native and generic parents alike).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from helpers.checkpoint import Weights, gpt_on_meta
 from helpers.data import get_batch, open_split
 from helpers.generic import HFCausalLM, find_blocks
 from helpers.measures import (check_n_layers, hidden_states, layer_scores, scores_record,  # noqa: F401 (public here too)
@@ -71,23 +75,36 @@ def select_layers(parent: GPT, n_layers: int, layers=None, strategy: str = "firs
 
 # ---- the child -------------------------------------------------------------------------------
 def inherit(parent: GPT, n_layers: int, layers: list[int] | None = None, strategy: str = "first",
-            copy: str = "all", tokens: torch.Tensor | None = None) -> GPT:
+            copy: str = "all", tokens: torch.Tensor | None = None, scores: pd.DataFrame | None = None) -> GPT:
     """A new GPT holding the parent blocks chosen by `strategy` (or the explicit `layers`, in that
     order). copy="all" copies every other tensor too; copy="paper" copies only the blocks and the
     output head, as the paper's code did (nanoGPT for GPT-2, lit-gpt for OpenLLaMA), leaving the
     position table, the final norm and, where the head is not tied to it, the token embedding at fresh
-    initialisation."""
-    if copy not in COPY_MODES:
-        raise ValueError(f"copy={copy!r}: choose one of {', '.join(COPY_MODES)}")
+    initialisation. A scored strategy reads `scores` (layer_scores) where given, else computes them
+    from `tokens`. Only the kept blocks of the parent are read: the others may be left unread
+    (inherit_from)."""
+    check_copy(copy)
     if not isinstance(parent, GPT):  # a transformers model through the generic path
         if strategy in SCORE_OF or copy != "all":
             raise ValueError(f"strategy={strategy!r}, copy={copy!r}: a generic ({parent.config.family}) parent "
                              "takes strategy first or first+last, or explicit layers, with copy='all'")
+        choice = strategy if layers is None else "layers"
         layers, _ = select_layers(parent, n_layers, layers, strategy)
-        return inherit_generic(parent, len(layers), layers)
+        child = inherit_generic(parent, len(layers), layers)
+        child.provenance["selection"] = {"strategy": choice, "copy": copy}  # as a native child's sidecar has it
+        return child
     explicit = layers is not None
-    layers, scores = select_layers(parent, n_layers, layers, strategy, tokens)
-    child = GPT(dataclasses.replace(parent.config, n_layer=len(layers)))
+    layers, scores = select_layers(parent, n_layers, layers, strategy, tokens, scores)
+    return native_child(parent, layers, "layers" if explicit else strategy, copy, scores)
+
+
+def native_child(parent: GPT, layers: list[int], strategy: str, copy: str, scores: pd.DataFrame | None = None,
+                 take: bool = False) -> GPT:
+    """The child of our GPT holding blocks `layers` (inherit's second half; strategy and scores go to
+    its provenance). take=True (copy="all" only): the parent's tensors become the child's, no copy,
+    nothing drawn at random: for a parent nobody keeps (inherit_from), never for one still in use."""
+    cfg = dataclasses.replace(parent.config, n_layer=len(layers))
+    child = gpt_on_meta(cfg) if take else GPT(cfg)
     parent_sd = parent.state_dict()
     fresh = ()
     if copy == "paper":  # lit-gpt copied `h` and `lm_head` only; a tied head brings the embedding along
@@ -102,15 +119,42 @@ def inherit(parent: GPT, n_layers: int, layers: list[int] | None = None, strateg
         else:
             key_in_parent = key
         child_sd[key] = parent_sd[key_in_parent]
-    child.load_state_dict(child_sd)  # copies into the child's own tensors
+    child.load_state_dict(child_sd, assign=take)  # copies into the child's own tensors, or takes them
+    if take and cfg.tie_embeddings:
+        child.lm_head.weight = child.transformer.wte.weight
     ref = parent.transformer.wte.weight
     child.to(device=ref.device, dtype=ref.dtype)
-    selection = {"strategy": "layers" if explicit else strategy, "copy": copy}
+    selection = {"strategy": strategy, "copy": copy}
     if scores is not None:
         selection["scores"] = scores_record(scores)
     child.provenance = {**parent.provenance, "inherited_from": parent.provenance.get("source", "model"),
                         "parent_n_layer": parent.config.n_layer, "layers": layers, "selection": selection}
     return child
+
+
+def inherit_from(weights: Weights, n_layers: int, layers: list[int] | None = None, strategy: str = "first",
+                 copy: str = "all", tokens: torch.Tensor | None = None) -> GPT:
+    """inherit() of a parent opened with helpers.checkpoint.open_weights, reading of it only what the
+    child needs: the root and the kept blocks, never the others; a scored strategy first runs the
+    parent over `tokens` one block at a time (each read, run and dropped) for its scores. The child
+    equals inherit(load_model(source), ...) bit for bit, and with copy="all" it takes the tensors
+    read for it: a child costs one copy of itself, not a parent and a child."""
+    check_copy(copy)
+    parent, scores = weights.model, None
+    if not isinstance(parent, GPT):  # the generic path: read whole already
+        return inherit(parent, n_layers, layers, strategy, copy, tokens)
+    if layers is None and strategy in SCORE_OF and tokens is not None:
+        check_n_layers(n_layers, parent.config.n_layer)
+        weights.read(blocks=[])  # the embeddings
+        scores = layer_scores(parent, tokens, n_layers, full=False, blocks=weights.each_block)
+    kept, scores = select_layers(parent, n_layers, layers, strategy, scores=scores)
+    weights.read(kept)
+    return native_child(parent, kept, strategy if layers is None else "layers", copy, scores, take=copy == "all")
+
+
+def check_copy(copy: str) -> None:
+    if copy not in COPY_MODES:
+        raise ValueError(f"copy={copy!r}: choose one of {', '.join(COPY_MODES)}")
 
 
 def inherit_generic(parent: HFCausalLM, n_layers: int, layers: list[int] | None = None) -> HFCausalLM:
@@ -156,7 +200,7 @@ def compare_strategies(parent: GPT, n_layers: int, scores: pd.DataFrame | None =
         row = {"strategy": strategy, "layers": layers}
         if data_dir is not None:
             child = inherit(parent, n_layers, layers=layers)
-            row.update(val_loss_full(child, data_dir, block_size, device=parent.transformer.wte.weight.device,
+            row.update(val_loss_full(child, data_dir, block_size, device=next(parent.parameters()).device,
                                      max_tokens=max_tokens))
             del child
         rows.append(row)
@@ -173,7 +217,24 @@ def param_report(parent: GPT, child: GPT) -> dict:
 @torch.no_grad()
 def truncated_forward(parent: GPT, idx: torch.Tensor, layers: list[int]) -> torch.Tensor:
     """The parent's logits computed with only `layers` of its blocks, then its final norm and head:
-    what an inherited child must reproduce exactly."""
+    what an inherited child must reproduce exactly. A parent of the generic path runs its own forward
+    pass with every other block made the identity (forward hooks, nothing copied): its blocks stay in
+    their order, so there `layers` must be ascending."""
+    if not isinstance(parent, GPT):
+        if list(layers) != sorted(layers):
+            raise ValueError(f"layers={list(layers)}: the truncated forward pass of a generic "
+                             f"({parent.config.family}) parent keeps its blocks in order; give them ascending")
+        _, _, blocks = find_blocks(parent.hf, "truncated_forward")
+
+        def identity(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        hooks = [b.register_forward_hook(identity, with_kwargs=True) for i, b in enumerate(blocks) if i not in layers]
+        try:
+            return parent(idx)[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
     t = parent.transformer
     x, rope = parent.embed(idx)
     for i in layers:

@@ -56,8 +56,9 @@ def val_loss_full(model: GPT, data_dir, block_size: int = 256, batch_size: int =
 
 # ---- attention -------------------------------------------------------------------------------
 @torch.no_grad()
-def attention_maps(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
-    """Post-softmax causal attention of every layer for idx (1, T): a list of (n_head, T, T)."""
+def attention_maps(model: GPT, idx: torch.Tensor, blocks=None) -> list[torch.Tensor]:
+    """Post-softmax causal attention of every layer for idx (1, T): a list of (n_head, T, T).
+    blocks: a function giving the blocks in order (layer_scores), by default the model's own."""
     if not isinstance(model, GPT):
         raise ConfigError(f"attention maps need a native model (gpt2, llama, mistral, qwen2, qwen3); this "
                           f"{model.config.hf.get('model_type')!r} model is on the generic path")
@@ -67,7 +68,7 @@ def attention_maps(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     mask = attention_mask(T, 0, idx.device, model.config.sliding_window)  # a sliding window, if any
     mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril() if mask is None else mask
     maps = []
-    for block in model.transformer.h:
+    for block in (blocks or (lambda: model.transformer.h))():
         attn = block.attn
         q, k, _ = attn.heads(block.ln_1(x), rope)  # exactly what the block's attention computes
         k = k.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)
@@ -77,12 +78,13 @@ def attention_maps(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     return maps
 
 
-def attention_collapse(model: GPT, idx: torch.Tensor, energy: float = 0.9, single_column: float = 0.5) -> pd.DataFrame:
+def attention_collapse(model: GPT, idx: torch.Tensor, energy: float = 0.9, single_column: float = 0.5,
+                       blocks=None) -> pd.DataFrame:
     """Per (layer, head): rank holding `energy` of the squared singular values, that rank as a
     share of T, the largest share of attention mass on one column, and whether the head is
     degenerate (mass share above `single_column`). `lazy` marks layers with every head degenerate."""
     rows = []
-    for layer, maps in enumerate(attention_maps(model, idx)):
+    for layer, maps in enumerate(attention_maps(model, idx, blocks)):
         T = maps.size(-1)
         for head, a in enumerate(maps):
             s = torch.linalg.svdvals(a.double())
@@ -111,7 +113,7 @@ def hidden_states(parent: GPT, tokens: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def layer_scores(parent: GPT, tokens: torch.Tensor, n_layers: int, attention_tokens: int = 128,
-                 full: bool = True) -> pd.DataFrame:
+                 full: bool = True, blocks=None) -> pd.DataFrame:
     """One row per parent block (index: block number) from one forward pass over `tokens` (B, T):
 
     - block_influence: 1 - mean over tokens of cos(input, output) of the block (ShortGPT);
@@ -124,36 +126,45 @@ def layer_scores(parent: GPT, tokens: torch.Tensor, n_layers: int, attention_tok
 
     full=False computes only the first two (all the strategies read): the parent's forward pass,
     without the L head products of the early exits and the attention maps.
+    The pass holds two blocks' states at a time, not every block's. blocks: a function giving the
+    parent's blocks in order, by default its own; helpers.checkpoint's `open_weights(...).each_block`
+    reads each one just before it runs and drops it after, so a parent on file is held one block at
+    a time (the embeddings, and with full=True the final norm and head, read beforehand).
     """
     total = parent.config.n_layer
     check_n_layers(n_layers, total)
     if tokens.dim() != 2 or tokens.size(1) < 2:
         raise ValueError(f"tokens of shape {tuple(tokens.shape)}: give a (batch, time) LongTensor with time >= 2")
+    parent.eval()
+    blocks = blocks or (lambda: parent.transformer.h)
     tokens = tokens.to(parent.transformer.wte.weight.device)
-    states = hidden_states(parent, tokens)
-    influence = [1.0 - F.cosine_similarity(states[i].float(), states[i + 1].float(), dim=-1).mean().item()
-                 for i in range(total)]
+    targets = tokens[:, 1:].reshape(-1)
+    x, rope = parent.embed(tokens)
+    influence, last, early_exit = [], [x[:, -1].float().clone()], []  # last: each state's last token (angular)
+    for block in blocks():
+        y = block(x, rope)
+        influence.append(1.0 - F.cosine_similarity(x.float(), y.float(), dim=-1).mean().item())
+        last.append(y[:, -1].float().clone())
+        if full:
+            logits = parent.lm_head(parent.transformer.ln_f(y[:, :-1]))  # (B, T-1, vocab)
+            early_exit.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets).item())
+            del logits
+        x = y
+    del x
     k = total - n_layers
     angular = []
     for i in range(total):
         if k == 0 or i + k > total:
             angular.append(math.nan)
             continue
-        cos = F.cosine_similarity(states[i][:, -1].float(), states[i + k][:, -1].float(), dim=-1)
+        cos = F.cosine_similarity(last[i], last[i + k], dim=-1)
         angular.append((torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).mean().item())
     table = pd.DataFrame({"block_influence": influence, "angular_distance": angular})
     table.index.name = "block"
     table.attrs["n_layers"] = n_layers
     if not full:
         return table
-    targets = tokens[:, 1:].reshape(-1)
-    early_exit = []
-    for i in range(total):
-        logits = parent.lm_head(parent.transformer.ln_f(states[i + 1][:, :-1]))  # (B, T-1, vocab)
-        early_exit.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets).item())
-        del logits
-    del states
-    attn = attention_collapse(parent, tokens[:1, :attention_tokens])
+    attn = attention_collapse(parent, tokens[:1, :attention_tokens], blocks=blocks)
     rank = attn.groupby("layer")["rank90"].mean()
     table["attention_rank"] = [float(rank.get(i, math.nan)) for i in range(total)]
     table["early_exit_loss"] = early_exit

@@ -198,10 +198,14 @@ class CausalSelfAttention(nn.Module):
     def heads(self, x, rope=None, start: int = 0):
         """q (B, nh, T, hd), k and v (B, nkv, T, hd) of x (B, T, C) at positions start.., rotated."""
         B, T, _ = x.shape
-        # q, k and v are stored as one matrix (one tensor to load and save) but computed as three
-        # matmuls on its row blocks: contiguous outputs make RoPE and attention's backward ~5% faster.
-        weights, biases = self._split(to_amp(self.c_attn.weight)), self._split(to_amp(self.c_attn.bias))
-        q, k, v = (F.linear(x, w, b) for w, b in zip(weights, biases))
+        if isinstance(self.c_attn, nn.Linear):
+            # q, k and v are stored as one matrix (one tensor to load and save) but computed as three
+            # matmuls on its row blocks: contiguous outputs make RoPE and attention's backward ~5% faster.
+            weights, biases = self._split(to_amp(self.c_attn.weight)), self._split(to_amp(self.c_attn.bias))
+            q, k, v = (F.linear(x, w, b) for w, b in zip(weights, biases))
+        else:  # with LoRA adapters (helpers.lora) its .weight is the frozen base alone: call it whole
+            q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+            q, k, v = self.c_attn(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -244,9 +248,12 @@ class MLP(nn.Module):
             # contiguous outputs, measured ~2% faster for the whole no-grad forward than one
             # matmul and a split, and no slower in training. split, not slicing: the gradients of
             # the two halves are concatenated, not each written into a zero matrix of the whole
-            (w_gate, w_up), b = to_amp(self.c_fc.weight).chunk(2), to_amp(self.c_fc.bias)
-            b_gate, b_up = b.chunk(2) if b is not None else (None, None)
-            gate, up = F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up)
+            if isinstance(self.c_fc, nn.Linear):
+                (w_gate, w_up), b = to_amp(self.c_fc.weight).chunk(2), to_amp(self.c_fc.bias)
+                b_gate, b_up = b.chunk(2) if b is not None else (None, None)
+                gate, up = F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up)
+            else:  # with LoRA adapters (helpers.lora): called whole, as c_attn
+                gate, up = self.c_fc(x).chunk(2, dim=-1)
             h = F.silu(gate, inplace=True).mul_(up) if in_place_ok(gate, BF16_TOO) else F.silu(gate) * up
         else:
             h = F.gelu(self.c_fc(x), approximate="tanh")
@@ -280,8 +287,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        if cfg.pos == "rope":
-            cos, sin = rope_tables(cfg)
+        if cfg.pos == "rope":  # on the CPU even when built on the meta device (the loaders'): .to() moves them
+            cos, sin = rope_tables(cfg, device="cpu")
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.provenance: dict = {}  # where the weights came from; written to checkpoint sidecars

@@ -2,7 +2,9 @@
 resumable checkpoint, best.pt, and the removal of step checkpoints beyond keep_last; at a stop
 (Ctrl-C, SIGTERM) a checkpoint of the step reached. A best seen between checkpoints is held in
 memory until the next one (no disk write per improvement). A full disk is one StorageError.
-Floor "training": uses startup's Run, parallel (gathering FSDP shards), checkpoint.
+A LoRA run's checkpoint holds the adapters and the tensors trained in full, with their AdamW state,
+and the record that rebuilds the frozen base (helpers.lora), not a second copy of the base.
+Floor "training": uses startup's Run, parallel (gathering FSDP shards), checkpoint, lora.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from helpers.checkpoint import save_checkpoint
 from helpers.config import TrainConfig
 from helpers.errors import StorageError
 from helpers.files import is_disk_full
+from helpers.lora import record_of, trainable_state
 from helpers.parallel import GatheredModel, gather_full_state
 from helpers.records import append_record
 from helpers.startup import Run, rng_state
@@ -54,7 +57,10 @@ def save_stop(run: Run, elapsed_s: float) -> Path | None:
 
 def gathered(run: Run):
     """(model, optimizer state or None) as a checkpoint holds them: a sharded model's full weights
-    and AdamW state are gathered collectively, a plain model is itself."""
+    and AdamW state are gathered collectively, a plain model is itself, a model with LoRA adapters
+    its trainable part."""
+    if record_of(run.raw_model) is not None:
+        return GatheredModel(run.raw_model, trainable_state(run.raw_model)), None
     return gather_full_state(run.raw_model, run.optimizer) if run.sharded else (run.raw_model, None)
 
 
@@ -67,6 +73,7 @@ def run_state(run: Run, saved_optimizer, **extra) -> dict:
                 # sums since the last evaluation, so that a run stopped between two resumes exactly
                 since_eval=dict(train_sum=run.train_sum.item(), train_steps=run.train_steps,
                                 kd_sums=run.kd_sums.tolist(), kd_count=run.kd_count),
+                **({"lora": record_of(run.raw_model)} if record_of(run.raw_model) else {}),
                 **{"val_loss": None, "train_loss": None, **extra})
 
 
@@ -94,7 +101,7 @@ def write_checkpoint(run: Run, model, state: dict, improved: bool) -> None:
 def disk_full(run: Run) -> StorageError:
     """The one error of a checkpoint write that filled the disk: out_dir, the space a checkpoint
     needs, and the last intact checkpoint (writes are atomic: a partial file never stays)."""
-    need = run.raw_model.num_params() * 4 * 3  # weights + two AdamW moments in float32
+    need = sum(p.numel() for p in run.raw_model.parameters() if p.requires_grad) * 4 * 3  # weights + AdamW, float32
     free = shutil.disk_usage(run.out_dir).free
     intact = sorted(run.out_dir.glob("step_*.pt"))
     last = f"the last intact checkpoint is {intact[-1]} (step {int(intact[-1].stem[5:])})" if intact else \

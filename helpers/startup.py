@@ -1,7 +1,7 @@
 """Everything a training run holds before its first step: the device, the data, the model (inherited,
 scratch, resumed or loaded), the teacher, the optimizer and, on resume, the state it stopped in.
 `start_run(cfg)` returns it all as one `Run`, which the loop (helpers.train) then advances.
-Floor "training": uses config, parallel, trackers, inherit, checkpoint, data, tokenizer.
+Floor "training": uses config, parallel, trackers, inherit, checkpoint, data, tokenizer, lora.
 """
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helpers.checkpoint import load_model, load_training_state, looks_local
+from helpers.checkpoint import load_lora, load_model, load_training_state, looks_local, open_weights, resolve
 from helpers.config import TrainConfig
 from helpers.data import open_split, prepare, read_meta
 from helpers.errors import CheckpointError, ConfigError, DataError, HelpersError
 from helpers.files import lock_folder, unwritable_reason
 from helpers.generic import scratch_like
-from helpers.inherit import SCORE_OF, calibration_tokens, inherit
+from helpers.inherit import SCORE_OF, calibration_tokens, inherit_from
+from helpers.lora import LoraSettings, attach, import_peft, normalize_targets, not_inherited
 from helpers.model import GPT
 from helpers.parallel import (Processes, agree, finish_processes, init_processes, load_optimizer_state, make_scaler, processes_from_env,
                               shard_model, where, wrap_for_training)
@@ -37,6 +38,12 @@ def total_iters(cfg: TrainConfig) -> int:
     if cfg.max_iters is not None:
         return cfg.max_iters
     return math.ceil(cfg.max_tokens / (cfg.batch_size * cfg.block_size * cfg.grad_accum))
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 products natively: AVX512-BF16 (Intel Cooper Lake, Sapphire
+    Rapids and later, whose AMX goes further; AMD Zen 4 and later)."""
+    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
 
 
 def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -63,9 +70,7 @@ def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
             dtype = torch.float32
     else:
         dtype = getattr(torch, cfg.dtype)
-    # AVX512-BF16 (Intel Cooper Lake, Sapphire Rapids and later, whose AMX goes further; AMD Zen 4 and later)
-    native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    if device.type == "cpu" and dtype == torch.bfloat16 and not native_bf16:
+    if device.type == "cpu" and dtype == torch.bfloat16 and not native_bf16():
         raise ConfigError("dtype=bfloat16: this CPU has no native bfloat16 (no avx512_bf16 in /proc/cpuinfo), so "
                           "torch would emulate it, slower than float32; use dtype=float32 (or auto) here")
     return device, dtype
@@ -107,7 +112,9 @@ def build_model(cfg: TrainConfig) -> tuple[GPT, dict | None]:
         ck = latest_checkpoint(cfg.out_dir)
         if ck is None:
             raise ConfigError(f"init=resume: no checkpoint in out_dir={cfg.out_dir}; start with init=inherit or scratch")
-        return load_model(ck), load_training_state(ck)
+        state = load_training_state(ck)
+        check_lora_resume(cfg, state.get("lora"))
+        return (load_lora(ck) if state.get("lora") else load_model(ck)), state
     if cfg.init in ("inherit", "scratch"):
         model = inherit_or_scratch(cfg)
     else:
@@ -120,21 +127,55 @@ def build_model(cfg: TrainConfig) -> tuple[GPT, dict | None]:
         rebuilt.load_state_dict(model.state_dict())
         rebuilt.provenance = model.provenance
         model = rebuilt
+    if cfg.lora_r:
+        heal_with_lora(model, cfg)
     return model, None
 
 
+def lora_settings(cfg: TrainConfig) -> LoraSettings:
+    return LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                        targets=normalize_targets(cfg.lora_targets), norms=cfg.lora_norms, base_dtype=cfg.base_dtype)
+
+
+def heal_with_lora(model, cfg: TrainConfig) -> None:
+    """lora_r > 0: the model's weights frozen, peft's adapters on its projections (helpers.lora.attach),
+    and the tensors an inherited child did not inherit trained in full. The record names the base
+    as a checkpoint rebuilds it: the parent and the kept blocks, or the checkpoint of init."""
+    source = cfg.parent if cfg.init == "inherit" else cfg.init
+    if Path(str(source)).expanduser().exists():  # a local file or folder: the very file, wherever the run resumes
+        source = str(Path(resolve(Path(str(source)).expanduser())[1]).resolve())
+    base = {"source": str(source), "layers": model.provenance.get("layers") if cfg.init == "inherit" else None}
+    attach(model, lora_settings(cfg), base, cfg.seed, full=not_inherited(model) if cfg.init == "inherit" else ())
+
+
+def check_lora_resume(cfg: TrainConfig, record: dict | None) -> None:
+    """A run resumes as it trained: with adapters (the same settings) or without."""
+    if record is None:
+        if cfg.lora_r:
+            raise ConfigError(f"init=resume with lora_r={cfg.lora_r}: the run in out_dir={cfg.out_dir} trains every "
+                              "weight (no adapters); resume it without lora_r")
+        return
+    given = dataclasses.asdict(lora_settings(cfg))
+    if given != record["settings"]:
+        saved = " ".join(f"{'lora_' if k != 'base_dtype' else ''}{k}={v}" for k, v in record["settings"].items())
+        raise ConfigError(f"init=resume: the run in out_dir={cfg.out_dir} trains LoRA adapters ({saved}); resume it "
+                          "with those settings")
+
+
 def inherit_or_scratch(cfg: TrainConfig) -> GPT:
-    """The inherited child of cfg.parent, or (init=scratch) a random model of its shape."""
-    parent = load_model(cfg.parent)
+    """The inherited child of cfg.parent, or (init=scratch) a random model of its shape. Of the parent
+    only the child's tensors are read (a scored strategy runs it one block at a time first)."""
+    weights = open_weights(cfg.parent)
+    parent = weights.model
     n = cfg.n_layers or (len(cfg.layers) if cfg.layers else max(1, parent.config.n_layer // 2))
     try:
         if cfg.init == "scratch":  # the shape is all that counts
-            child = inherit(parent, n)
+            child = inherit_from(weights, n)
         else:
             scored = cfg.strategy in SCORE_OF and cfg.layers is None
             tokens = calibration_tokens(cfg.data_dir, cfg.calib_batches, min(cfg.block_size, parent.config.block_size),
                                         cfg.seed) if scored else None
-            child = inherit(parent, n, cfg.layers, cfg.strategy, cfg.copy, tokens)
+            child = inherit_from(weights, n, cfg.layers, cfg.strategy, cfg.copy, tokens)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.init == "scratch":
@@ -251,7 +292,8 @@ def check_out_dir(out_dir: Path, model: GPT) -> None:
     reason = unwritable_reason(out_dir)
     if reason:
         raise ConfigError(f"out_dir={out_dir}: not writable ({reason}); choose another out_dir")
-    need = model.num_params() * 4 * 3 * 2  # weights + two AdamW moments, twice (a checkpoint and its successor)
+    # weights + two AdamW moments of what trains (LoRA: the adapters alone), twice (a checkpoint and its successor)
+    need = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * 3 * 2
     free = shutil.disk_usage(out_dir).free
     if free < need:
         raise ConfigError(f"out_dir={out_dir}: {free / 1e9:.2f} GB free, a checkpoint needs about {need / 2e9:.2f} GB "
@@ -268,10 +310,11 @@ def lock_out_dir(out_dir: Path):
     return lock
 
 
-def finish_run(run: Run) -> None:
-    """Close the tracker, leave the process group and let go of out_dir."""
+def finish_run(run: Run, failed: bool = False) -> None:
+    """Close the tracker (a run `failed` by an error shows so there), leave the process group and
+    let go of out_dir."""
     if run.tracker is not None:
-        run.tracker.close()
+        run.tracker.close(failed)
         run.tracker = None
     finish_processes(run.procs)
     if run.lock is not None:
@@ -334,6 +377,11 @@ def start_run(cfg: TrainConfig) -> Run:
     if procs.rank == 0:
         check_installed(cfg.report_to)  # before the model loads
     device, dtype = resolve_device(cfg)
+    if cfg.lora_r:
+        import_peft()  # before the model loads
+        if cfg.base_dtype != "float32" and dtype == torch.float32:
+            raise ConfigError(f"base_dtype={cfg.base_dtype}: frozen weights in 16 bits need 16-bit products; set "
+                              f"dtype={cfg.base_dtype} (dtype=auto picks a 16-bit one on a GPU) or base_dtype=float32")
     device = init_processes(procs, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

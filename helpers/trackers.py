@@ -34,7 +34,7 @@ def not_installed(report_to: str) -> ConfigError:
 
 
 def open_tracker(report_to: str, out_dir: Path, config: dict, resumed_at: int | None):
-    """The tracker of report_to (None for none), with `log(record)` and `close()`. `config`: the run's
+    """The tracker of report_to (None for none), with `log(record)` and `close(failed)`. `config`: the run's
     settings (W&B shows them with the run); `resumed_at`: the step a resumed run continues from."""
     if report_to == "tensorboard":
         return TensorBoardTracker(Path(out_dir), resumed_at)
@@ -68,7 +68,7 @@ class TensorBoardTracker:
             self.writer.add_scalar(key, value, global_step=record["step"])
         self.writer.flush()  # an evaluation at a time: a live TensorBoard shows it at once
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -100,5 +100,5 @@ class WandbTracker:
     def log(self, record: dict) -> None:
         self.run.log({"step": record["step"], **scalars(record)})
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)  # a run that ended in an error shows as failed

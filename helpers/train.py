@@ -49,7 +49,7 @@ def train(cfg: TrainConfig) -> dict:
         print(f"train: {run.procs.world} process(es) on {run.device.type}, {run.dtype} ({run.total} steps)", flush=True)
     bar = progress_bar(total=run.total, initial=run.step, desc="train", unit="step", mininterval=1.0, file=sys.stderr,
                disable=not cfg.progress or run.procs.rank != 0)
-    record = {}
+    record, failed = {}, True
     try:
         with StopRequests() as stop:
             while True:
@@ -64,9 +64,13 @@ def train(cfg: TrainConfig) -> dict:
                     bar.update(run.step - bar.n)
                 if run.step < run.total and stop.requested(run.procs, run.device):
                     stop_here(run, stop.signum)
+        failed = False
+    except RunStopped:  # Ctrl-C or SIGTERM: a checkpoint to resume from, not a failure
+        failed = False
+        raise
     finally:
         bar.close()
-        finish_run(run)
+        finish_run(run, failed)
     return record
 
 

@@ -40,6 +40,15 @@ def test_memory_table_counts_and_bytes_per_parameter(tmp_path):
     assert fits["2 x T4 ddp"]["gb_per_gpu"] == round(20 * llama["params"] / 1e9, 1)
     assert fits["2 x T4 fsdp"]["gb_per_gpu"] == round((8 * llama["params"] + 8 * (llama["root"] + 2 * llama["block"])) / 1e9, 1)
     assert data["most_layers"]["OpenLLaMA-3B"]["2 x T4 fsdp"] > data["most_layers"]["OpenLLaMA-3B"]["2 x T4 ddp"]
+    # LoRA (rank 8 on every projection): the frozen child at 4 (or, its blocks' projections, 2) B/param, the adapters at 16
+    seven = data["children"]["OpenLLaMA-7B"]
+    projections, adapters = 16 * seven["block_projections"], 16 * seven["block_adapters"]
+    c, inter = 4096, 11008  # c_attn holds q, k, v (a rank block each), c_fc gate and up
+    assert seven["block_adapters"] == 8 * (3 * (c + 3 * c) + (c + c) + 2 * (c + 2 * inter) + (inter + c))
+    assert seven["fits"]["T4 lora"]["gb_per_gpu"] == round((4 * seven["params"] + 16 * adapters) / 1e9, 1)
+    assert seven["fits"]["T4 lora 16-bit base"]["gb_per_gpu"] == round(
+        (4 * seven["params"] - 2 * projections + 16 * adapters) / 1e9, 1)
+    assert seven["fits"]["T4 lora 16-bit base"]["fits"] and not seven["fits"]["T4 lora"]["fits"]
 
 
 def test_loop_benchmark_times_the_loop_against_the_bare_step(tmp_path):

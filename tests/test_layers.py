@@ -11,9 +11,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "helpers"
 # From the ground up. A module may import modules of its own floor or of any floor below.
 FLOORS = [
     ("ground", ["helpers", "helpers.errors", "helpers.files", "helpers.records"]),
-    ("models", ["helpers.head_loss", "helpers.model", "helpers.generic"]),
+    ("models", ["helpers.head_loss", "helpers.model", "helpers.generic", "helpers.lora"]),
     ("formats", ["helpers.formats", "helpers.formats.families", "helpers.formats.gguf", "helpers.formats.hf",
-                 "helpers.formats.torch_files", "helpers.formats.sources"]),
+                 "helpers.formats.torch_files", "helpers.formats.sources", "helpers.formats.weights"]),
     ("text", ["helpers.tokenizer", "helpers.data"]),
     ("checkpoint", ["helpers.export", "helpers.checkpoint"]),
     ("measures", ["helpers.measures"]),

@@ -119,6 +119,20 @@ def test_settings_parse_like_the_training_command_line():
         settings("smoke", {"launch_ddp": "maybe"})
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_demo_trains_in_bf16_with_more_steps_where_the_cpu_has_it(native, monkeypatch):
+    """The demo's dtype is decided by the machine: on a CPU with native bfloat16 it trains in bfloat16
+    for twice the steps; elsewhere, or when the user names a dtype, it keeps the float32 recipe."""
+    import torch
+    from helpers.pipeline import settings
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    s = settings("demo", {})
+    assert (s["dtype"], s["max_iters"]) == (("bfloat16", 64) if native else ("float32", 32))
+    assert (settings("demo", {"dtype": "float32"})["dtype"], settings("demo", {"dtype": "float32"})["max_iters"]) == ("float32", 32)
+    assert settings("smoke", {}).get("dtype", "auto") == "auto"  # presets without the variant are unchanged
+
+
 def test_summary_json_has_null_not_nan(tmp_path):
     """The parent's row has no token count (NaN in pandas): summary.json must still be strict JSON."""
     from helpers.pipeline import summarize
@@ -172,6 +186,7 @@ def test_compare_table_goes_to_a_readme(compare_run, tmp_path):
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro") and text.rstrip().endswith("rest")
     assert "| inherited (angular) + trained |" in text and "20 steps x 512 tokens" in text
+    assert "gradient clipping 1.0, float32;" in text  # the dtype the runs used (resolved from auto)
 
 
 def test_unknown_arm_is_refused(tmp_path, capsys):

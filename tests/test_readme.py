@@ -64,6 +64,7 @@ DOCUMENTED_SETTINGS = [
     {"layers": "0,1,2,29"}, {"copy": "all"}, {"copy": "paper"}, {"compare": "first,angular,scratch"},
     {"grow": "true"}, {"grow": "true", "grow_start": "2", "grow_step": "2", "grow_tolerance": "0"},
     {"recipe": "paper"}, {"launch_ddp": "true"}, {"weight_decay": "0.05"}, {"dtype": "float16"}, {"init": "resume"},
+    {"compare": "child,child+lora,scratch"}, {"compare": "child,child+lora,scratch", "lora_r": "16"},
 ]
 
 

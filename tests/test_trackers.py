@@ -93,6 +93,8 @@ def wandb_runs(wandb_dir: Path) -> list[dict]:
             if kind == "run":
                 run["id"] = record.run.run_id
                 run["config"] = {u.key: json.loads(u.value_json) for u in record.run.config.update}
+            elif kind == "exit":
+                run["exit_code"] = record.exit.exit_code
             elif kind == "history":
                 row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
                 run["history"].append({k: v for k, v in row.items() if not k.startswith("_")})
@@ -191,6 +193,18 @@ def test_resume_continues_the_wandb_run(setup, tmp_path, wandb_offline):
     # a fresh run in another out_dir is another W&B run
     train(tiny(setup, tmp_path / "other", report_to="wandb", max_iters=2))
     assert (tmp_path / "other" / "wandb_run_id").read_text() != run_id
+
+
+def test_a_failed_run_shows_as_failed_in_wandb(setup, tmp_path, wandb_offline):
+    """A run that ends in an error (a diverged loss) closes its W&B run with a non-zero exit code,
+    so it shows as failed, not finished; a run that completes exits 0."""
+    with pytest.raises(FloatingPointError):
+        train(tiny(setup, tmp_path / "nan", report_to="wandb", learning_rate=1e30, min_lr=1e29, warmup_iters=0,
+                   max_iters=20))
+    time.sleep(1)  # W&B names a run's folder by the second it starts
+    train(tiny(setup, tmp_path / "ok", report_to="wandb", max_iters=2))
+    failed, finished = wandb_runs(wandb_offline)
+    assert failed["exit_code"] != 0 and finished["exit_code"] == 0
 
 
 @pytest.mark.parametrize("report_to", ["tensorboard", "wandb"])

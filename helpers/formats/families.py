@@ -7,8 +7,6 @@ Floor "formats": uses the errors only.
 """
 from __future__ import annotations
 
-import torch
-
 from helpers.errors import CheckpointError
 
 # GPT-2: Hugging Face names are ours without the `transformer.` prefix; these four are Conv1D
@@ -58,19 +56,19 @@ def row_splits(cfg) -> dict[str, list[int]]:
     return {"attn.c_attn.weight": [q, kv, kv], "attn.c_attn.bias": [q, kv, kv], "mlp.c_fc.weight": [inter, inter]}
 
 
-def gather(cfg, get, column: int, layer_prefix: str) -> dict:
-    """Our state dict for a Llama-like config, from `get(name)` of the format in `column`
-    (HF or GGUF) whose block names start with layer_prefix.format(i)."""
-    sd = {ours: get(names[column]) for ours, names in top_table(cfg).items()}
+def plan(cfg, column: int, layer_prefix: str) -> dict[str, list[str]]:
+    """Our name -> the names of the format in `column` (HF or GGUF) whose rows make it, in order,
+    for a Llama-like config; the format's block names start with layer_prefix.format(i)."""
+    out = {ours: [names[column]] for ours, names in top_table(cfg).items()}
     table = layer_table(cfg)
     for i in range(cfg.n_layer):
         for ours, parts in table.items():
-            sd[f"transformer.h.{i}.{ours}"] = torch.cat([get(layer_prefix.format(i) + p[column]) for p in parts], dim=0)
-    return sd
+            out[f"transformer.h.{i}.{ours}"] = [layer_prefix.format(i) + p[column] for p in parts]
+    return out
 
 
 def scatter(cfg, sd: dict, column: int, layer_prefix: str) -> dict:
-    """The inverse of `gather`: our state dict -> {name in the format: tensor}."""
+    """The inverse of `plan`: our state dict -> {name in the format: tensor}."""
     out = {names[column]: sd[ours] for ours, names in top_table(cfg).items()}
     splits, table = row_splits(cfg), layer_table(cfg)
     for i in range(cfg.n_layer):

@@ -1,15 +1,17 @@
-"""GGUF files (llama.cpp's format): metadata -> GPTConfig, tensors dequantized to float32 and
-named through the tables in helpers.formats.families.
-Floor "formats": uses families, the models and the errors."""
+"""GGUF files (llama.cpp's format): metadata -> GPTConfig, tensors dequantized to float32 one at a
+time, when asked for (helpers.formats.weights), and named through the tables in helpers.formats.families.
+Floor "formats": uses families, weights, the models and the errors."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from helpers.formats import families
 from helpers.errors import CheckpointError
-from helpers.formats.families import GGUF, assign_state
+from helpers.formats.families import GGUF
+from helpers.formats.weights import Weights, gpt_on_meta, read_exact
 from helpers.model import GPT, llama_config
 
 GGUF_ARCHES = ("llama", "qwen2", "qwen3")  # llama.cpp writes Mistral as llama
@@ -44,9 +46,10 @@ def open_gguf(path):
                               "it may be truncated, download it again") from None
 
 
-def load_gguf(path: Path) -> GPT:
+def open_gguf_weights(path: Path) -> Weights:
+    """A GGUF file opened: our model on the meta device, every tensor it needs present and of a type
+    we dequantize; each is read (and dequantized) only when asked for."""
     reader = open_gguf(path)
-    from gguf.quants import dequantize
     f = reader.fields
     arch = f["general.architecture"].contents() if "general.architecture" in f else None
     if arch not in GGUF_ARCHES:
@@ -77,33 +80,68 @@ def load_gguf(path: Path) -> GPT:
                               f"{HF_INSTEAD}")
     if meta("rope.dimension_count", cfg.head_dim) != cfg.head_dim:
         raise CheckpointError(f"{path}: partial rotary embeddings are not supported in GGUF; {HF_INSTEAD}")
-
+    plan = families.plan(cfg, GGUF, LAYER_PREFIX)
     types = set()
-
-    def tensor(name):
+    for name in (name for parts in plan.values() for name in parts):
         t = tensors.get(name)
         if t is None:
             raise CheckpointError(f"{path}: GGUF tensor {name} is missing")
-        kind = t.tensor_type.name
-        if kind not in GGUF_TYPES:
-            raise CheckpointError(f"{path}: tensor {name} has type {kind}, not one of {sorted(GGUF_TYPES)}")
-        types.add(kind)
-        try:
-            arr = dequantize(t.data, t.tensor_type)
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot dequantize {name} ({type(e).__name__}); file corrupt?") from None
-        # GGUF lists dimensions innermost first; numpy's shape here is already PyTorch's (out, in).
-        arr = arr.reshape(tuple(reversed(t.shape.tolist())))
-        w = torch.from_numpy(arr.astype("float32", copy=not arr.flags.writeable))
-        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):  # only llama is permuted
-            w = unpermute_rope_rows(w, cfg.n_head if name.endswith("attn_q.weight") else cfg.n_kv_head)
-        return w
-
-    sd = families.gather(cfg, tensor, GGUF, LAYER_PREFIX)
-    model = GPT(cfg)
-    assign_state(model, sd, path)
+        if t.tensor_type.name not in GGUF_TYPES:
+            raise CheckpointError(f"{path}: tensor {name} has type {t.tensor_type.name}, not one of {sorted(GGUF_TYPES)}")
+        types.add(t.tensor_type.name)
+    model = gpt_on_meta(cfg)
     quantized = sorted(types - {"F32", "F16", "BF16"})
     model.provenance = {"source": str(path), "format": "gguf", "tokenizer": str(path),
                         "gguf_types": sorted(types), "quantized": bool(quantized),
                         "note": f"weights dequantized from a {'/'.join(quantized)} file" if quantized else ""}
-    return model
+    return Weights(model, plan, GGUFTensors(path, tensors, cfg), path)
+
+
+def load_gguf(path: Path) -> GPT:
+    return open_gguf_weights(path).read()
+
+
+class GGUFTensors:
+    """A GGUF file's tensors by name, each read from the file and dequantized to float32 only when
+    asked for (llama's Q and K rows back in Hugging Face's order)."""
+
+    def __init__(self, path: Path, tensors: dict, cfg):
+        self.path, self.tensors, self.cfg = path, tensors, cfg
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def shape(self, name: str) -> tuple | None:
+        t = self.tensors.get(name)
+        # GGUF lists dimensions innermost first; PyTorch's shape is the reverse (out, in)
+        return None if t is None else tuple(reversed(t.shape.tolist()))
+
+    def _rope_heads(self, name: str) -> int:
+        """The heads whose rows llama.cpp's converter reordered (only llama is permuted), else 0."""
+        if self.cfg.family != "llama":
+            return 0
+        return self.cfg.n_head if name.endswith("attn_q.weight") else \
+            self.cfg.n_kv_head if name.endswith("attn_k.weight") else 0
+
+    def read(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+        t = self.tensors[name]
+        # the raw bytes, as the reader's own (memory-mapped) array would hold them, read in one go
+        raw = np.empty(t.data.shape, dtype=t.data.dtype)
+        read_exact(self.path, t.data_offset, torch.from_numpy(raw.view(np.uint8)))
+        try:
+            arr = dequantize(raw, t.tensor_type)
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: cannot dequantize {name} ({type(e).__name__}); file corrupt?") from None
+        w = torch.from_numpy(arr.reshape(self.shape(name)).astype("float32", copy=False))
+        heads = self._rope_heads(name)
+        return unpermute_rope_rows(w, heads) if heads else w
+
+    def read_into(self, name: str, out: torch.Tensor) -> bool:
+        """Float32 tensors in their final row order go straight from the file into `out`."""
+        t = self.tensors[name]
+        if t.tensor_type.name != "F32" or self._rope_heads(name) or out.dtype != torch.float32 \
+                or not out.is_contiguous():
+            return False
+        read_exact(self.path, t.data_offset, out)
+        return True

@@ -1,7 +1,8 @@
 """Hugging Face folders: config.json <-> GPTConfig, weights <-> our state dict (through the
-tables in helpers.formats.families), safetensors or pytorch_model.bin, sharded or not. A folder of another
-family, or of a native family's variant our model lacks (`native_gap`), goes to helpers.generic.
-Floor "formats": uses families, the models (ours and helpers.generic) and the errors."""
+tables in helpers.formats.families), safetensors or pytorch_model.bin, sharded or not, read one
+tensor at a time (helpers.formats.weights). A folder of another family, or of a native family's
+variant our model lacks (`native_gap`), goes to helpers.generic (transformers maps the file itself).
+Floor "formats": uses families, weights, the models (ours and helpers.generic) and the errors."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ import torch
 
 from helpers.formats import families
 from helpers.errors import CheckpointError
-from helpers.formats.families import GPT2_CONV1D, HF, assign_state
+from helpers.formats.families import GPT2_CONV1D, HF
+from helpers.formats.weights import SafetensorsFiles, TensorDict, Weights, check_names, gpt_on_meta
 from helpers.generic import HFCausalLM, check_decoder, config_from_dict
 from helpers.model import GPT, GPTConfig, llama_config
 
@@ -107,31 +109,30 @@ def hf_config(cfg: GPTConfig) -> dict:
     return hf
 
 
-def state_from_hf(sd: dict, cfg: GPTConfig, where) -> dict:
-    """Hugging Face state dict -> ours, through the family's table."""
+def hf_plan(cfg: GPTConfig, names: set[str], where) -> tuple[dict[str, list[str]], frozenset]:
+    """(our name -> the folder's tensors whose rows make it, the tensors stored transposed) for the
+    tensor names of a Hugging Face folder, through the family's table; a weight missing, or one no
+    table names, is refused here, before anything is read."""
     if cfg.family == "gpt2":
-        out = {}
-        for k, v in sd.items():
-            k = k.removeprefix("transformer.")
-            if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight" and cfg.tie_embeddings:
+        plan, transposed = {}, set()
+        for k in names:
+            bare = k.removeprefix("transformer.")
+            if bare.endswith((".attn.bias", ".attn.masked_bias")) or bare == "lm_head.weight" and cfg.tie_embeddings:
                 continue  # causal-mask buffers; the tied head is the embedding
-            ours = k if k == "lm_head.weight" else "transformer." + k
-            out[ours] = v.t() if k.endswith(GPT2_CONV1D) else v
-        return out
-    used = set()
-
-    def get(name):
-        if name not in sd:
-            raise CheckpointError(f"{where}: missing weights ['{name}']")
-        used.add(name)
-        return sd[name]
-
-    out = families.gather(cfg, get, HF, LAYER_PREFIX)
-    unknown = sorted(k for k in sd if k not in used and not k.endswith("rotary_emb.inv_freq")
+            plan[bare if bare == "lm_head.weight" else "transformer." + bare] = [k]
+            if bare.endswith(GPT2_CONV1D):
+                transposed.add(k)
+        return plan, frozenset(transposed)  # names checked against the model by check_names
+    plan = families.plan(cfg, HF, LAYER_PREFIX)
+    used = {name for parts in plan.values() for name in parts}
+    missing = sorted(used - names)
+    if missing:
+        raise CheckpointError(f"{where}: missing weights ['{missing[0]}']")
+    unknown = sorted(k for k in names - used if not k.endswith("rotary_emb.inv_freq")
                      and not (k == "lm_head.weight" and cfg.tie_embeddings))
     if unknown:
         raise CheckpointError(f"{where}: unexpected weights {unknown[:3]} (is this a {cfg.family} checkpoint?)")
-    return out
+    return plan, frozenset()
 
 
 def state_to_hf(model: GPT) -> dict:
@@ -144,35 +145,39 @@ def state_to_hf(model: GPT) -> dict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def read_weights(path: Path) -> dict:
-    """Every tensor of a Hugging Face folder: safetensors or pytorch_model.bin, sharded or not."""
-    from safetensors.torch import load_file
-
-    def load_one(f: Path):
+def hf_tensors(path: Path):
+    """The tensors of a Hugging Face folder by name, nothing read yet: safetensors (their headers), or
+    pytorch_model.bin (memory-mapped), sharded or not."""
+    def load_bin(f: Path) -> dict:
         try:
-            if f.suffix == ".safetensors":
-                return load_file(str(f))
-            return torch.load(f, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # a file of torch's legacy format cannot be mapped
+                return torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{f}: cannot read weights ({type(e).__name__}: {str(e)[:120]}); the file "
                                   "is truncated or corrupt, download it again") from None
 
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        files = None
         if (path / index_name).is_file():
             try:
                 shards = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{path / index_name}: not a shard index ({type(e).__name__}: {e}); "
                                       "download it again") from None
-            sd = {}
             for shard in shards:
                 if not (path / shard).is_file():
                     raise CheckpointError(f"{path / shard}: shard named in {index_name} is missing")
-                sd.update(load_one(path / shard))
-            return sd
-        if (path / single).is_file():
-            return load_one(path / single)
+            files = [path / shard for shard in shards]
+        elif (path / single).is_file():
+            files = [path / single]
+        if files is None:
+            continue
+        if single.endswith(".safetensors"):
+            return SafetensorsFiles(files)
+        return TensorDict({k: v for f in files for k, v in load_bin(f).items()})
     raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin next to config.json")
 
 
@@ -186,20 +191,29 @@ def read_config(path: Path) -> dict:
     return hf
 
 
-def load_hf_folder(path: Path) -> GPT:
+def open_hf_folder(path: Path) -> Weights:
+    """A Hugging Face folder opened: a native family's model on the meta device with its tensors
+    indexed and checked (read on demand), or any other decoder read whole by transformers."""
     hf = read_config(path)
     gap = native_gap(hf)
     if hf.get("model_type") not in NATIVE or gap:  # any other decoder of transformers, or a variant
         model = load_generic_folder(path, hf)
         if gap:
             model.provenance["note"] = f"{gap}; loaded through the generic path (transformers' own class)"
-        return model
+        return Weights.loaded(model)
     cfg = config_from_hf(hf, path / "config.json")
-    model = GPT(cfg)
-    assign_state(model, state_from_hf(read_weights(path), cfg, path), path)
+    source = hf_tensors(path)
+    plan, transposed = hf_plan(cfg, source.names(), path)
+    model = gpt_on_meta(cfg)
+    if cfg.family == "gpt2":
+        plan = {k: plan[k] for k in check_names(model, plan, path)}
     tok = "gpt2" if cfg.family == "gpt2" and not (path / "tokenizer.json").is_file() else str(path)
     model.provenance = {"source": str(path), "format": "huggingface", "tokenizer": tok}
-    return model
+    return Weights(model, plan, source, path, transposed)
+
+
+def load_hf_folder(path: Path) -> GPT:
+    return open_hf_folder(path).read()
 
 
 def load_generic_folder(path: Path, hf: dict) -> HFCausalLM:

@@ -1,6 +1,7 @@
 """torch.save checkpoints: this project's own (weights, config, provenance, training state and a
 JSON sidecar), nanoGPT's `ckpt.pt` and the Kaggle student project's `model_state_dict` files.
-Floor "formats": uses families, the models, files and the errors."""
+Loaded memory-mapped, the model's tensors taken as they are (helpers.formats.weights).
+Floor "formats": uses families, weights, the models, files and the errors."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import torch
 
 from helpers.errors import CheckpointError
 from helpers.formats.families import assign_state
+from helpers.formats.weights import TensorDict, Weights, check_names, gpt_on_meta
 from helpers.files import atomic_write, jsonable
 from helpers.generic import HFCausalLM, build, config_from_dict
 from helpers.model import GPT, GPTConfig
@@ -20,9 +22,17 @@ FORMAT = "inheritune-helpers"
 FORMAT_VERSION = 1
 
 
-def torch_load(path: Path) -> dict:
+def torch_load(path: Path, mmap: bool = False) -> dict:
+    """A torch file's dictionary; mmap=True maps the file instead of reading it: a tensor costs memory
+    only when it is touched (a checkpoint's AdamW state is not, for load_model), and it can be taken as
+    a parameter as it is (a private map: writing to it copies the pages written)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # torch's legacy format cannot be mapped
     except Exception as e:  # torch.load fails in many ways on foreign bytes; all mean the same to a user
         with open(path, "rb") as f:
             looks_like_torch = f.read(2) in (b"PK", b"\x80\x02")
@@ -68,13 +78,16 @@ def config_of(fields, path) -> GPTConfig:
         raise CheckpointError(f"{path}: model_config is damaged ({e}); pass an intact checkpoint") from None
 
 
-def load_torch_checkpoint(path: Path) -> GPT:
-    ck = torch_load(path)
+def open_torch_checkpoint(path: Path) -> Weights:
+    """A torch file opened (memory-mapped): our model on the meta device, the names and shapes of its
+    weights checked, each tensor taken when asked for; a generic model's is read whole."""
+    ck = torch_load(path, mmap=True)
     if ck.get("format") == FORMAT:
         if ck.get("version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{path}: written by a newer version ({ck['version']}); upgrade helpers")
         if ck.get("model_config", {}).get("generic"):  # a transformers model (helpers.generic)
-            return load_generic_checkpoint(ck["model_config"], ck["model"], dict(ck.get("provenance", {})), path)
+            return Weights.loaded(load_generic_checkpoint(ck["model_config"], ck["model"],
+                                                          dict(ck.get("provenance", {})), path))
         cfg = config_of(ck.get("model_config"), path)
         sd, provenance = ck["model"], dict(ck.get("provenance", {}))
     elif "model_args" in ck and "model" in ck:  # nanoGPT
@@ -89,10 +102,14 @@ def load_torch_checkpoint(path: Path) -> GPT:
     else:
         raise CheckpointError(f"{path}: unknown checkpoint layout (keys {sorted(ck)[:6]}); expected ours, "
                               "nanoGPT's (model_args + model) or model_state_dict")
-    model = GPT(cfg)
-    assign_state(model, sd, path)
+    model = gpt_on_meta(cfg)
+    plan = check_names(model, sd, path)
     model.provenance = {**provenance, "source": provenance.get("source", str(path))}
-    return model
+    return Weights(model, plan, TensorDict(sd), path)
+
+
+def load_torch_checkpoint(path: Path) -> GPT:
+    return open_torch_checkpoint(path).read()
 
 
 def load_generic_checkpoint(model_config: dict, sd: dict, provenance: dict, where) -> HFCausalLM:
@@ -159,7 +176,7 @@ def read_sidecar(path) -> dict | None:
 
 def load_training_state(path) -> dict:
     """The whole checkpoint dictionary (optimizer, RNG, step, ...) of one of our checkpoints."""
-    ck = torch_load(Path(path))
+    ck = torch_load(Path(path), mmap=True)
     if ck.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this project; cannot resume from it")
     return ck

@@ -15,4 +15,4 @@ from helpers.pipeline.notebooks import NOTEBOOKS, REPO, NotebookFailed, run_note
 from helpers.pipeline.report import (finite_or_null, machine, summarize, write_readme_compare,  # noqa: F401
                                      write_readme_results)
 from helpers.pipeline.settings import (ARMS, COMMON, PRESETS, PROMPTS, RECIPES, absolute_paths, arm_label,  # noqa: F401
-                                       arm_names, settings, train_settings, untrained_label)
+                                       arm_names, arm_settings, settings, train_settings, untrained_label)

@@ -14,18 +14,24 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from helpers.checkpoint import load_model, read_sidecar, save_checkpoint
+from helpers.checkpoint import open_weights, read_sidecar, save_checkpoint
+from helpers.config import TrainConfig
 from helpers.errors import ConfigError, HelpersError
 from helpers.model import GPT, GPTConfig
 from helpers.pipeline.notebooks import REPO, run_notebook
 from helpers.pipeline.report import machine, summarize, write_readme_results
-from helpers.pipeline.settings import ARMS, PRESETS, PROMPTS, arm_label, arm_names, settings, train_settings, untrained_label
+from helpers.pipeline.settings import (ARMS, PRESETS, PROMPTS, arm_label, arm_names, arm_settings, settings,
+                                       train_settings, untrained_label)
 from helpers.plots import plot_grow
+from helpers.startup import resolve_device
 
 
 def run(preset: str = "demo", out: str | Path | None = None, overrides: dict | None = None,
         update_readme: bool = False) -> dict:
     s = settings(preset, overrides or {})
+    device, dtype = resolve_device(TrainConfig.from_dict({k: s[k] for k in ("device", "dtype") if k in s}))
+    s["dtype"] = str(dtype).removeprefix("torch.")  # what dtype=auto picks here, named in the table's recipe
+    print(f"[pipeline] {preset}: training in {s['dtype']} on {device.type}", flush=True)
     run_dir = Path(out or REPO / "runs" / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / "summary.json").exists() or (run_dir / "child").exists():
@@ -61,7 +67,7 @@ def run(preset: str = "demo", out: str | Path | None = None, overrides: dict | N
     arms = arm_names(s)
     for arm in arms:
         run_notebook("03_train.ipynb", run_dir, {**train_common, "parent": parent, "n_layers": n_layers,
-                                                 **ARMS[arm], "out_dir": str(run_dir / arm)}, tag=arm)
+                                                 **arm_settings(arm, s), "out_dir": str(run_dir / arm)}, tag=arm)
     labels = {arm: arm_label(arm) for arm in arms}
     models = {"parent": parent}
     if not compare:  # the untrained child is in 02's strategies table too; evaluated again here as before
@@ -102,7 +108,9 @@ def compare_table(run_dir: Path, s: dict, arms: list[str]):
     rows = [{"model": "parent", "blocks": "all", "params": int(results.loc["parent", "params"]), "tokens_trained": None,
              "untrained_val_loss": None, "val_loss": float(results.loc["parent", "val_loss"])}]
     chosen = "layers" if s["layers"] is not None else s["strategy"]  # what the `child` arm kept
-    trained = {ARMS[a].get("strategy", chosen) if ARMS[a].get("init") == "inherit" else None: a for a in arms}
+    # the child of each strategy trained plainly; trained another way (a teacher, adapters) it gets a row of its own
+    plain = [a for a in arms if ARMS[a].get("init") == "inherit" and set(ARMS[a]) <= {"init", "strategy"}]
+    trained = {ARMS[a].get("strategy", chosen): a for a in plain}
     child_params = int(results.loc[arm_label(arms[0]), "params"])
     for strategy, row in strategies.iterrows():
         arm = trained.get(strategy)
@@ -117,9 +125,11 @@ def compare_table(run_dir: Path, s: dict, arms: list[str]):
                      "tokens_trained": int(results.loc[label, "tokens_seen"]), "untrained_val_loss": None,
                      "val_loss": float(results.loc[label, "val_loss"])})
     for arm in arms:
-        if ARMS[arm].get("init") != "inherit":
+        if arm not in plain:  # scratch arms, and the child trained another way
             label = arm_label(arm)
-            rows.append({"model": label, "blocks": "random init", "params": int(results.loc[label, "params"]),
+            blocks = "random init" if ARMS[arm].get("init") != "inherit" else \
+                strategies.loc[chosen, "layers"] if chosen in strategies.index else str(s["layers"])
+            rows.append({"model": label, "blocks": blocks, "params": int(results.loc[label, "params"]),
                          "tokens_trained": int(results.loc[label, "tokens_seen"]), "untrained_val_loss": None,
                          "val_loss": float(results.loc[label, "val_loss"])})
     table = pd.DataFrame(rows)
@@ -132,7 +142,7 @@ def run_grow(run_dir: Path, preset: str, s: dict, parent: str, data_dir: Path, t
     """The paper's Algorithm 2: train a child of n blocks; if its whole-split val loss is not at or
     below the parent's (+ grow_tolerance), start again from the parent with n + grow_step, until n
     reaches the parent's depth. Each round is a folder of executed notebooks."""
-    depth = load_model(parent).config.n_layer
+    depth = open_weights(parent).model.config.n_layer  # the config alone: no weights read
     n = s["grow_start"] or max(1, depth // 2)
     if not 1 <= n <= depth or s["grow_step"] < 1:
         raise ConfigError(f"grow_start={n}, grow_step={s['grow_step']}: need 1 <= grow_start <= {depth} and grow_step >= 1")

@@ -103,7 +103,7 @@ def write_readme_compare(summary: dict, readme: Path, text: str, start: str, end
         f"parent's is in the untrained column. Every trained arm ran the same recipe: {s['max_iters']} steps x "
         f"{tokens_per_step:,} tokens ({s['batch_size']} x {s['block_size']}), AdamW lr {s['learning_rate']:g} "
         f"(warm-up {s['warmup_iters']} steps, cosine to {s['min_lr']:g}), weight decay "
-        f"{s.get('weight_decay', 0.1):g}, gradient clipping 1.0, float32; scores from {s['calib_batches']} x "
+        f"{s.get('weight_decay', 0.1):g}, gradient clipping 1.0, {s.get('dtype', 'float32')}; scores from {s['calib_batches']} x "
         f"{s['block_size']} train-split tokens.",
         "", *rows, "", "![loss curves](images/loss_curves.png)", "", "![layer scores](images/layer_scores.png)", end])
     readme.write_text(text[:text.index(start)] + body + text[text.index(end) + len(end):])

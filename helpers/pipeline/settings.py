@@ -1,6 +1,6 @@
 """The pipeline's settings: presets, the arms a comparison trains, the paper's recipe, and the one
 parser of key=value overrides (helpers.config.coerce, as the training command line).
-Floor "pipeline": uses config, checkpoint (embedded parents) and the errors."""
+Floor "pipeline": uses config, startup (native bfloat16), checkpoint (embedded parents) and the errors."""
 from __future__ import annotations
 
 import typing
@@ -11,6 +11,7 @@ import torch
 from helpers.checkpoint import EMBEDDED
 from helpers.config import TrainConfig, coerce
 from helpers.errors import ConfigError
+from helpers.startup import native_bf16
 
 PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef main():\n", "The standard library"]
 
@@ -24,7 +25,11 @@ PRESETS: dict[str, dict] = {
                  block_size=256, grad_accum=1, learning_rate=3e-4, min_lr=3e-5, warmup_iters=5,
                  eval_interval=8, eval_iters=1, eval_block_size=256, attention_tokens=128, max_new_tokens=24,
                  compare="first,block-influence,scratch", strategy="block-influence", calib_batches=8,
-                 ckpt_interval=0, eval_train=False,
+                 ckpt_interval=0, eval_train=False, dtype="float32",
+                 # On a CPU with native bfloat16 (bench/bf16.py: a step ~2x float32 there) the demo trains
+                 # in bfloat16 and spends the time saved on twice the steps (BENCHMARKS.md, "The demo in
+                 # bfloat16"); dtype=float32 on the command line gives the float32 demo anywhere.
+                 cpu_bf16=dict(dtype="bfloat16", max_iters=64),
                  gpu=dict(max_iters=600, batch_size=16, block_size=512, eval_interval=50, eval_iters=20,
                           eval_block_size=512, max_tokens=20_000_000, val_fraction=0.01)),
     # The same path at toy sizes for the tests; the parent is pre-trained here from scratch.
@@ -55,6 +60,9 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# A preset's variants by machine: "gpu" where CUDA is visible, "cpu_bf16" on a CPU with native bfloat16.
+OVERLAYS = ("gpu", "cpu_bf16")
+
 # Settings every preset has unless it says otherwise. Any TrainConfig field may also be given
 # (e.g. weight_decay=0.05); it goes to every training run. Notebook 03 trains in its kernel, or
 # launched with torchrun on nproc_per_node processes (None: one per GPU) sharing the model as parallel=ddp|fsdp.
@@ -74,6 +82,9 @@ ARMS: dict[str, dict] = {
     # alpha 0.6, temperature 1) and the inherited child trained with distillation (Minitron)
     "scratch+kd": {"init": "scratch", "teacher": "parent", "kd_alpha": 0.6, "kd_temperature": 1.0},
     "child+kd": {"init": "inherit", "teacher": "parent", "kd_alpha": 0.6, "kd_temperature": 1.0},
+    # LoRA healing (helpers.lora): the inherited child frozen, adapters of rank 8 trained on its
+    # projections (the pipeline's lora_r setting changes the rank; the other arms train every weight)
+    "child+lora": {"init": "inherit", "lora_r": 8},
 }
 
 # The paper's GPT-2 recipe (its repository's training script): AdamW (0.9, 0.95), weight decay 0.1,
@@ -89,9 +100,11 @@ RECIPES: dict[str, dict] = {
 def settings(preset: str, overrides: dict) -> dict:
     if preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    s = {**COMMON, **{k: v for k, v in PRESETS[preset].items() if k != "gpu"}}
+    s = {**COMMON, **{k: v for k, v in PRESETS[preset].items() if k not in OVERLAYS}}
     if torch.cuda.is_available():
         s.update(PRESETS[preset].get("gpu", {}))
+    elif native_bf16() and "dtype" not in overrides:  # a dtype given by the user keeps the preset's recipe
+        s.update(PRESETS[preset].get("cpu_bf16", {}))
     unknown = sorted(set(overrides) - set(s) - set(TrainConfig.field_names()))
     if unknown:
         raise ConfigError(f"unknown pipeline settings {unknown}; valid: {', '.join(sorted(s))} or any TrainConfig field")
@@ -106,7 +119,10 @@ def settings(preset: str, overrides: dict) -> dict:
     s.update(parsed)
     if isinstance(s["layers"], (str, int)):
         s["layers"] = coerce("layers", list[int] | None, str(s["layers"]))
-    arm_names(s)  # rejects unknown arms early
+    arms = arm_names(s)  # rejects unknown arms early
+    if s.get("lora_r") and not any(ARMS[a].get("lora_r") for a in arms):
+        raise ConfigError(f"lora_r={s['lora_r']}: the pipeline trains LoRA adapters in its child+lora arm only; add it to "
+                          "compare (e.g. compare=child,child+lora,scratch)")
     if s["layers"] is not None:
         explicit_layers(s, parsed)
     return absolute_paths(s)
@@ -158,9 +174,15 @@ def arm_names(s: dict) -> list[str]:
 def train_settings(s: dict, data_dir) -> dict:
     """Notebook 03's parameters common to every training run: the settings that are TrainConfig
     fields (the pipeline's own max_tokens caps the data, not training)."""
-    skip = {"parent", "n_layers", "init", "out_dir", "data_dir", "max_tokens"}
+    skip = {"parent", "n_layers", "init", "out_dir", "data_dir", "max_tokens", "lora_r"}  # lora_r: arm_settings
     common = {k: s[k] for k in TrainConfig.field_names() if k in s and k not in skip}
     return {"data_dir": str(data_dir), "log_interval": 5, **common}
+
+
+def arm_settings(arm: str, s: dict) -> dict:
+    """An arm's TrainConfig overrides (ARMS); a LoRA arm takes the rank of the lora_r setting when given."""
+    lora_r = s.get("lora_r")
+    return {**ARMS[arm], **({"lora_r": lora_r} if ARMS[arm].get("lora_r") and lora_r else {})}
 
 
 def untrained_label(model: str) -> str:
@@ -177,4 +199,6 @@ def arm_label(arm: str) -> str:
         return "scratch, trained"
     if ARMS[arm].get("teacher"):
         return f"{'child, inherited' if ARMS[arm]['init'] == 'inherit' else 'scratch'} + trained with KD"
+    if ARMS[arm].get("lora_r"):
+        return "child, inherited + trained with LoRA"
     return f"inherited ({arm}) + trained" if ARMS[arm].get("init") == "inherit" else f"{arm}, trained"
